@@ -1,0 +1,247 @@
+"""The catalogue data model: a directory with ``clusters.parquet`` and ``galaxies.parquet``.
+
+One row of ``clusters`` is one projected phase-space diagram (a cluster seen along one sight
+line); ``galaxies`` holds every galaxy of every diagram, sorted by ``diagram_id``. Mock
+catalogues may add ``halos.parquet``: the other halos inside each diagram's cylinder, for the
+interloper-contamination analysis. Units (SCIENCE.md): masses log10(M200c / h^-1 Msun),
+projected proper distances h^-1 Mpc, velocities km/s. They are written into the parquet
+metadata.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ._io import atomic_write, write_json_atomic
+from .errors import CatalogueError
+
+#: required columns -> (dtype kind, unit, description)
+CLUSTER_COLUMNS: dict[str, tuple[str, str, str]] = {
+    "diagram_id": ("i", "", "row id of the phase-space diagram"),
+    "halo_id": ("i", "", "id of the cluster halo (several sight lines share it)"),
+    "split": ("O", "", "train / test / eval (or 'none' for real data)"),
+    "log_m200c": ("f", "log10(h^-1 Msun)", "true log10 M200c, NaN when unknown"),
+    "r200c": ("f", "h^-1 Mpc", "R200c, proper"),
+    "v200c": ("f", "km/s", "circular velocity at R200c"),
+    "redshift": ("f", "", "cosmological redshift of the cluster"),
+    "n_gal": ("i", "", "galaxies in the diagram (inside the window)"),
+    "n_mem": ("i", "", "true members in the diagram (-1 when unknown)"),
+}
+GALAXY_COLUMNS: dict[str, tuple[str, str, str]] = {
+    "diagram_id": ("i", "", "diagram the galaxy belongs to"),
+    "x_proj": ("f", "h^-1 Mpc", "sky-plane offset from the centre, proper"),
+    "y_proj": ("f", "h^-1 Mpc", "sky-plane offset from the centre, proper"),
+    "v_los": ("f", "km/s", "line-of-sight velocity relative to the centre incl. Hubble flow"),
+}
+#: optional galaxy columns written by mocks
+GALAXY_MOCK_COLUMNS: dict[str, tuple[str, str, str]] = {
+    "is_member": ("b", "", "true member of the cluster halo (inside its R200c)"),
+    "host_halo_id": ("i", "", "id of the halo hosting the galaxy"),
+    "host_log_m200c": ("f", "log10(h^-1 Msun)", "log10 M200c of the host halo"),
+    "mag_r": ("f", "mag", "apparent r-band magnitude"),
+}
+#: optional halos table (mock truth for the contamination analysis)
+HALO_COLUMNS: dict[str, tuple[str, str, str]] = {
+    "diagram_id": ("i", "", "diagram whose cylinder holds the halo"),
+    "halo_id": ("i", "", "halo id"),
+    "log_m200c": ("f", "log10(h^-1 Msun)", "log10 M200c"),
+    "x_proj": ("f", "h^-1 Mpc", "projected offset from the diagram centre"),
+    "y_proj": ("f", "h^-1 Mpc", "projected offset from the diagram centre"),
+    "v_los": ("f", "km/s", "line-of-sight velocity offset incl. Hubble flow"),
+}
+
+UNITS = {
+    **{k: v[1] for k, v in CLUSTER_COLUMNS.items()},
+    **{k: v[1] for k, v in GALAXY_COLUMNS.items()},
+    **{k: v[1] for k, v in GALAXY_MOCK_COLUMNS.items()},
+}
+
+
+def _check_table(df: pd.DataFrame, spec: dict, name: str, optional: dict | None = None) -> None:
+    missing = [c for c in spec if c not in df.columns]
+    if missing:
+        raise CatalogueError(
+            f"{name} is missing required column(s): {', '.join(missing)} "
+            f"(required: {', '.join(spec)})"
+        )
+    for col, (kind, _, _) in {**spec, **(optional or {})}.items():
+        if col not in df.columns:
+            continue
+        k = df[col].dtype.kind
+        ok = {
+            "i": k in "iu",
+            "f": k in "fiu",
+            "b": k in "b",
+            "O": k in "OSUT" or isinstance(df[col].dtype, pd.StringDtype),
+        }[kind]
+        if not ok:
+            raise CatalogueError(f"{name} column {col!r} has dtype {df[col].dtype}, expected kind {kind!r}")
+
+
+@dataclass
+class Catalogue:
+    """Clusters (one row per diagram) and their galaxies.
+
+    Attributes
+    ----------
+    clusters : DataFrame indexed 0..n-1 with the CLUSTER_COLUMNS (diagram_id unique).
+    galaxies : DataFrame with the GALAXY_COLUMNS, sorted by diagram_id.
+    halos : optional DataFrame with the HALO_COLUMNS (mock truth).
+    meta : free-form provenance (simulator config, seed, ...), stored in the parquet metadata.
+    """
+
+    clusters: pd.DataFrame
+    galaxies: pd.DataFrame
+    halos: pd.DataFrame | None = None
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.validate()
+        if not self.galaxies["diagram_id"].is_monotonic_increasing:
+            self.galaxies = self.galaxies.sort_values("diagram_id", kind="stable").reset_index(drop=True)
+        self.clusters = self.clusters.reset_index(drop=True)
+        self._offsets: np.ndarray | None = None
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        """Raise CatalogueError naming the first missing or malformed column."""
+        _check_table(self.clusters, CLUSTER_COLUMNS, "clusters table")
+        _check_table(self.galaxies, GALAXY_COLUMNS, "galaxies table", GALAXY_MOCK_COLUMNS)
+        if self.halos is not None:
+            _check_table(self.halos, HALO_COLUMNS, "halos table")
+        ids = self.clusters["diagram_id"].to_numpy()
+        if len(np.unique(ids)) != len(ids):
+            raise CatalogueError("clusters table has duplicated diagram_id values")
+        unknown = ~np.isin(self.galaxies["diagram_id"].to_numpy(), ids)
+        if unknown.any():
+            bad = self.galaxies["diagram_id"].to_numpy()[unknown][:5]
+            raise CatalogueError(f"galaxies refer to diagram_id(s) not in clusters: {bad.tolist()}")
+        for col in ("x_proj", "y_proj", "v_los"):
+            vals = self.galaxies[col].to_numpy()
+            if not np.isfinite(vals).all():
+                bad = self.galaxies["diagram_id"].to_numpy()[~np.isfinite(vals)][:5]
+                raise CatalogueError(f"galaxies column {col!r} has NaN/inf values (diagram_id {bad.tolist()})")
+
+    # ------------------------------------------------------------------ access
+    def __len__(self) -> int:
+        return len(self.clusters)
+
+    @property
+    def offsets(self) -> np.ndarray:
+        """Row offsets: galaxies of cluster row i are ``galaxies[offsets[i]:offsets[i+1]]``."""
+        if self._offsets is None:
+            gid = self.galaxies["diagram_id"].to_numpy()
+            cid = self.clusters["diagram_id"].to_numpy()
+            order = np.argsort(cid, kind="stable")
+            starts = np.searchsorted(gid, cid[order], side="left")
+            ends = np.searchsorted(gid, cid[order], side="right")
+            s = np.empty(len(cid), dtype=np.int64)
+            e = np.empty(len(cid), dtype=np.int64)
+            s[order], e[order] = starts, ends
+            self._starts, self._ends = s, e
+            self._offsets = np.stack([s, e], axis=1)
+        return self._offsets
+
+    def points(self, row: int, columns=("x_proj", "y_proj", "v_los")) -> np.ndarray:
+        """(N, len(columns)) float64 array of the galaxies of cluster row ``row``."""
+        s, e = self.offsets[row]
+        return np.column_stack([self._galaxy_array(c)[s:e] for c in columns])
+
+    def _galaxy_array(self, col: str) -> np.ndarray:
+        cache = self.__dict__.setdefault("_arrays", {})
+        if col not in cache:
+            cache[col] = self.galaxies[col].to_numpy(dtype=np.float64)
+        return cache[col]
+
+    def rows(self, split: str | None = None) -> np.ndarray:
+        """Cluster row indices, optionally of one split."""
+        if split is None:
+            return np.arange(len(self.clusters))
+        return np.flatnonzero(self.clusters["split"].to_numpy() == split)
+
+    def subset(self, rows) -> Catalogue:
+        """A new catalogue with the given cluster rows and their galaxies (and halos)."""
+        rows = np.asarray(rows)
+        cl = self.clusters.iloc[rows].reset_index(drop=True)
+        ids = cl["diagram_id"].to_numpy()
+        gal = self.galaxies[np.isin(self.galaxies["diagram_id"].to_numpy(), ids)].reset_index(drop=True)
+        halos = None
+        if self.halos is not None:
+            halos = self.halos[np.isin(self.halos["diagram_id"].to_numpy(), ids)].reset_index(drop=True)
+        return Catalogue(cl, gal, halos, dict(self.meta))
+
+    def data_hash(self) -> str:
+        """Short content hash of the clusters and galaxies (recorded in model bundles)."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for df in (self.clusters, self.galaxies):
+            h.update(pd.util.hash_pandas_object(df, index=False).to_numpy().tobytes())
+        return h.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------- I/O
+def _table_with_units(df: pd.DataFrame, spec_units: dict, meta: dict) -> pa.Table:
+    table = pa.Table.from_pandas(df, preserve_index=False)
+    units = {c: spec_units.get(c, "") for c in df.columns}
+    md = dict(table.schema.metadata or {})
+    md[b"clustermass.units"] = json.dumps(units).encode()
+    md[b"clustermass.meta"] = json.dumps(meta, default=str).encode()
+    fields = [
+        f.with_metadata({b"unit": units.get(f.name, "").encode()}) for f in table.schema
+    ]
+    return table.cast(pa.schema(fields, metadata=md))
+
+
+def write_parquet(df: pd.DataFrame, path: str | Path, meta: dict | None = None) -> Path:
+    """Write a DataFrame as parquet atomically, with column units in the metadata."""
+    units = {**UNITS, **{k: v[1] for k, v in HALO_COLUMNS.items()}}
+    table = _table_with_units(df, units, meta or {})
+    return atomic_write(path, lambda p: pq.write_table(table, p))
+
+
+def write_catalogue(cat: Catalogue, directory: str | Path) -> Path:
+    """Write ``clusters.parquet``, ``galaxies.parquet`` (and ``halos.parquet``) into ``directory``."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    write_parquet(cat.galaxies, directory / "galaxies.parquet", cat.meta)
+    if cat.halos is not None:
+        write_parquet(cat.halos, directory / "halos.parquet", cat.meta)
+    # clusters last: its presence marks a complete catalogue
+    write_parquet(cat.clusters, directory / "clusters.parquet", cat.meta)
+    write_json_atomic(directory / "catalogue.json", {"n_diagrams": len(cat), **cat.meta})
+    return directory
+
+
+def read_catalogue(directory: str | Path) -> Catalogue:
+    """Read and validate a catalogue directory written by :func:`write_catalogue`."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CatalogueError(f"catalogue directory not found: {directory}")
+    paths = {n: directory / f"{n}.parquet" for n in ("clusters", "galaxies", "halos")}
+    for n in ("clusters", "galaxies"):
+        if not paths[n].is_file():
+            raise CatalogueError(f"{directory} has no {n}.parquet (not a clustermass catalogue)")
+    try:
+        cl_table = pq.read_table(paths["clusters"])
+        clusters = cl_table.to_pandas()
+        galaxies = pq.read_table(paths["galaxies"]).to_pandas()
+        halos = pq.read_table(paths["halos"]).to_pandas() if paths["halos"].is_file() else None
+    except Exception as exc:
+        raise CatalogueError(f"cannot read catalogue in {directory}: {exc}") from exc
+    md = cl_table.schema.metadata or {}
+    meta = json.loads(md.get(b"clustermass.meta", b"{}"))
+    return Catalogue(clusters, galaxies, halos, meta)
+
+
+def units_of(path: str | Path) -> dict[str, str]:
+    """Column units stored in a parquet file written by this package."""
+    md = pq.read_schema(path).metadata or {}
+    return json.loads(md.get(b"clustermass.units", b"{}"))

@@ -1,0 +1,202 @@
+"""Validated configuration: one pydantic model per stage, presets, file and flag overrides.
+
+Each stage owns one section. Units: distances in h^-1 Mpc (projected, proper), velocities in
+km/s, masses as log10(M200c / (h^-1 Msun)).
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import ConfigError
+
+ModelKind = Literal["cnn3d", "cnn2d", "cnn1d"]
+SPLITS = ("train", "test", "eval")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class WindowConfig(_Section):
+    """Observation window of one phase-space diagram (SCIENCE.md sec. 1)."""
+
+    r_max: float = Field(1.6, gt=0, description="half-width of the sky window |x|,|y| [h^-1 Mpc]")
+    v_max: float = Field(2200.0, gt=0, description="half-width in line-of-sight velocity [km/s]")
+
+
+class SimulationConfig(_Section):
+    """Mock-catalogue generation (SCIENCE.md sec. 2-3)."""
+
+    n_train: int = Field(17000, ge=0, description="diagrams in the training split")
+    n_test: int = Field(20000, ge=0, description="diagrams in the test (SBI calibration) split")
+    n_eval: int = Field(5000, ge=0, description="diagrams in the evaluation split")
+    log_m_min: float = Field(13.7, description="lowest cluster mass, log10 M200c [h^-1 Msun]")
+    log_m_max: float = Field(15.2, description="highest cluster mass, log10 M200c [h^-1 Msun]")
+    distance_max: float = Field(250.0, gt=0, description="radius of the observer ball [h^-1 Mpc, comoving]")
+    mag_limit: float = Field(18.0, description="apparent r-band flux limit [mag] (SDSS: 17.77)")
+    max_sightlines: int = Field(25, ge=1, description="most sight lines per halo")
+    interlopers: bool = Field(True, description="include line-of-sight interloper halos")
+    chunk_size: int = Field(2000, ge=1, description="diagrams generated per independently seeded chunk")
+
+    @property
+    def n_total(self) -> int:
+        return self.n_train + self.n_test + self.n_eval
+
+    @model_validator(mode="after")
+    def _check(self) -> SimulationConfig:
+        if self.log_m_max <= self.log_m_min:
+            raise ValueError("log_m_max must exceed log_m_min")
+        return self
+
+
+class KDEConfig(_Section):
+    """Phase-space KDE grid (SCIENCE.md sec. 4)."""
+
+    n_grid: int = Field(50, ge=4, description="grid points per axis")
+    bandwidth: float = Field(0.175, gt=0, description="scipy bw_method factor h0")
+    input_scale: float = Field(1000.0, gt=0, description="factor applied to the sum-1 cube before the network")
+
+
+class TrainingConfig(_Section):
+    """Network training (SCIENCE.md sec. 5)."""
+
+    model: ModelKind = "cnn3d"
+    lr: float = Field(1e-4, gt=0, description="Adam learning rate")
+    betas: tuple[float, float] = (0.9, 0.999)
+    batch_size: int = Field(100, ge=1)
+    max_epochs: int = Field(100, ge=1)
+    patience: int = Field(5, ge=1, description="early-stopping patience [epochs]")
+    val_fraction: float = Field(0.1, gt=0, lt=1, description="fraction of training halos held out")
+    augment: bool = Field(False, description="random sky-plane rotations/reflections")
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes")
+
+
+class CalibrationConfig(_Section):
+    """SBI calibration: joint KDE of (prediction, true mass) on the test split (sec. 6)."""
+
+    bandwidth: float = Field(0.20, gt=0, description="scipy bw_method factor of the 2D joint KDE")
+
+
+class EvaluationConfig(_Section):
+    """What the evaluation stage compares (sec. 7)."""
+
+    comparison_models: list[ModelKind] = Field(default_factory=lambda: ["cnn1d", "cnn2d"])
+    baselines: bool = Field(True, description="run classical estimators (sigma_v, virial)")
+
+
+class RunConfig(_Section):
+    """Everything a `clustermass run` needs; written next to its outputs as config.yaml."""
+
+    preset: str = "paper"
+    seed: int = 0
+    window: WindowConfig = Field(default_factory=WindowConfig)
+    simulation: SimulationConfig = Field(default_factory=SimulationConfig)
+    kde: KDEConfig = Field(default_factory=KDEConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+
+
+# Presets are overrides of the defaults (which are the paper's values).
+PRESETS: dict[str, dict[str, Any]] = {
+    "paper": {},
+    "authors-public": {
+        "window": {"r_max": 4.0},
+        "training": {"lr": 5e-5, "patience": 10},
+    },
+    "quick": {
+        "simulation": {"n_train": 3000, "n_test": 2000, "n_eval": 1000, "max_sightlines": 10},
+        "kde": {"n_grid": 32},
+        "training": {"lr": 1e-3, "max_epochs": 8, "patience": 3, "batch_size": 50},
+    },
+    # for smoke tests only: seconds, not science
+    "tiny": {
+        "simulation": {"n_train": 240, "n_test": 160, "n_eval": 100, "max_sightlines": 5},
+        "kde": {"n_grid": 16},
+        "training": {"lr": 1e-3, "max_epochs": 2, "patience": 2, "batch_size": 50},
+        "evaluation": {"comparison_models": ["cnn1d"], "baselines": True},
+    },
+}
+
+
+def _deep_update(base: dict, new: dict) -> dict:
+    out = dict(base)
+    for k, v in new.items():
+        out[k] = _deep_update(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _read_file(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    text = path.read_text()
+    try:
+        if path.suffix == ".toml":
+            data = tomllib.loads(text)
+        elif path.suffix == ".json":
+            data = json.loads(text)
+        else:
+            data = yaml.safe_load(text) or {}
+    except Exception as exc:  # parse errors of three libraries
+        raise ConfigError(f"cannot parse {path}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of sections")
+    return data
+
+
+def parse_override(text: str) -> dict:
+    """Turn ``"training.max_epochs=3"`` into ``{"training": {"max_epochs": 3}}`` (YAML value)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    key, raw = text.split("=", 1)
+    value = yaml.safe_load(raw)
+    out: dict = {}
+    cur = out
+    parts = key.strip().split(".")
+    for p in parts[:-1]:
+        cur = cur.setdefault(p, {})
+    cur[parts[-1]] = value
+    return out
+
+
+def load_config(
+    preset: str = "quick",
+    file: str | Path | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    **updates: Any,
+) -> RunConfig:
+    """Resolve a preset, then a YAML/TOML/JSON file, then ``section.key=value`` overrides.
+
+    ``updates`` are dotted keys with ``__`` separators, e.g. ``training__max_epochs=2``
+    (used by CLI flags).
+    """
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    data: dict[str, Any] = _deep_update({"preset": preset}, PRESETS[preset])
+    if file is not None:
+        data = _deep_update(data, _read_file(file))
+    for o in overrides:
+        data = _deep_update(data, parse_override(o))
+    for k, v in updates.items():
+        if v is None:
+            continue
+        data = _deep_update(data, parse_override(f"{k.replace('__', '.')}={json.dumps(v)}"))
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = ".".join(str(x) for x in err["loc"])
+        raise ConfigError(f"invalid configuration at {loc}: {err['msg']}") from exc
+
+
+def dump_config(cfg: RunConfig) -> str:
+    """The fully resolved configuration as YAML text."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
