@@ -1,0 +1,246 @@
+"""The ``clustermass`` command: a thin layer that parses, calls the API and prints.
+
+Errors caused by input (missing files, malformed catalogues, bad config) are printed on one
+line without a traceback and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .errors import ClustermassError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Dynamical galaxy-cluster masses from projected phase space "
+    "(3D KDE + CNN + simulation-based inference). Units: log10(M200c / h^-1 Msun), "
+    "h^-1 Mpc (projected, proper), km/s.",
+)
+
+Preset = Annotated[str, typer.Option(help="configuration preset: quick, paper, authors-public, tiny")]
+ConfigFile = Annotated[Path | None, typer.Option("--config", help="YAML/TOML/JSON file overriding the preset")]
+Sets = Annotated[list[str] | None, typer.Option("--set", help="override, e.g. --set training.max_epochs=3 (repeatable)")]
+Seed = Annotated[int | None, typer.Option(help="random seed (default: the preset's, 0)")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars or log lines")]
+
+
+def _config(preset: str, config: Path | None, sets: list[str] | None, seed: int | None, **updates):
+    from .config import load_config
+
+    return load_config(preset, config, sets or (), seed=seed, **updates)
+
+
+def _echo_dict(d: dict, indent: int = 0) -> None:
+    for k, v in d.items():
+        if isinstance(v, dict):
+            typer.echo(" " * indent + f"{k}:")
+            _echo_dict(v, indent + 2)
+        else:
+            typer.echo(" " * indent + f"{k}: {v:.4g}" if isinstance(v, float) else " " * indent + f"{k}: {v}")
+
+
+@app.command()
+def simulate(
+    out: Annotated[Path, typer.Option(help="output catalogue directory")],
+    preset: Preset = "quick",
+    config: ConfigFile = None,
+    set_: Sets = None,
+    n_diagrams: Annotated[int | None, typer.Option(help="total diagrams; split sizes keep the preset's proportions")] = None,
+    seed: Seed = None,
+    sky: Annotated[bool, typer.Option("--sky", help="simulate a mock SKY (galaxy + cluster tables) instead of diagrams")] = False,
+    area: Annotated[float, typer.Option(help="--sky: survey area [deg^2]")] = 500.0,
+    quiet: Quiet = False,
+) -> None:
+    """Simulate a mock catalogue of projected phase-space diagrams (or a mock sky with --sky)."""
+    cfg = _config(preset, config, set_, seed)
+    if sky:
+        from .mocksky import write_mock_sky
+
+        paths = write_mock_sky(out, area_deg2=area, sim=cfg.simulation, seed=cfg.seed, progress=not quiet)
+        for p in paths:
+            typer.echo(f"wrote {p}")
+        return
+    if n_diagrams is not None:
+        s = cfg.simulation
+        tot = max(s.n_total, 1)
+        n_train = round(n_diagrams * s.n_train / tot)
+        n_test = round(n_diagrams * s.n_test / tot)
+        cfg.simulation = s.model_copy(update={"n_train": n_train, "n_test": n_test,
+                                               "n_eval": n_diagrams - n_train - n_test})
+    from .pipeline import simulate_stage
+    from .simulate import summarize_catalogue
+
+    cat = simulate_stage(cfg, out, progress=not quiet)
+    _echo_dict(summarize_catalogue(cat))
+    typer.echo(f"catalogue written to {out}")
+
+
+@app.command()
+def train(
+    data: Annotated[Path, typer.Option(help="catalogue directory (from `simulate`)")],
+    out: Annotated[Path, typer.Option(help="model bundle directory to write")],
+    model: Annotated[str, typer.Option(help="network: cnn3d, cnn2d or cnn1d")] = "cnn3d",
+    preset: Preset = "quick",
+    config: ConfigFile = None,
+    set_: Sets = None,
+    epochs: Annotated[int | None, typer.Option(help="maximum epochs (default: the preset's)")] = None,
+    seed: Seed = None,
+    quiet: Quiet = False,
+) -> None:
+    """Train a network on the catalogue's train split (validation drawn by halo) and save a bundle."""
+    from .catalog import read_catalogue
+    from .pipeline import train_stage
+
+    cfg = _config(preset, config, set_, seed, training__model=model, training__max_epochs=epochs)
+    cat = read_catalogue(data)
+    bundle = train_stage(cfg, cat, cfg.training.model, out, progress=not quiet)
+    typer.echo(f"model bundle written to {out} (best val loss {bundle.meta.get('training', {}).get('best_val_loss')})")
+
+
+@app.command()
+def calibrate(
+    model: Annotated[Path, typer.Option(help="model bundle directory")],
+    data: Annotated[Path, typer.Option(help="catalogue directory with a test split")],
+    bandwidth: Annotated[float, typer.Option(help="joint-KDE bandwidth factor (scipy bw_method)")] = 0.20,
+    split: Annotated[str, typer.Option(help="split used for calibration")] = "test",
+    quiet: Quiet = False,
+) -> None:
+    """Calibrate the SBI posterior: store (prediction, true mass) pairs of the test split in the bundle."""
+    from .catalog import read_catalogue
+    from .pipeline import calibrate_stage
+    from .training import load_model
+
+    bundle = load_model(model)
+    cat = read_catalogue(data)
+    calibrate_stage(bundle, cat, bandwidth, split=split, progress=not quiet)
+    typer.echo(f"calibration stored in {model}")
+
+
+@app.command()
+def evaluate(
+    model: Annotated[list[Path], typer.Option(help="calibrated bundle(s); the first is the primary model")],
+    data: Annotated[Path, typer.Option(help="catalogue directory with an eval split")],
+    out: Annotated[Path, typer.Option(help="output directory for metrics.json, posteriors, figures")],
+    baselines: Annotated[bool, typer.Option(help="also run the classical estimators")] = True,
+    quiet: Quiet = False,
+) -> None:
+    """Evaluate calibrated models on the eval split: residuals, coverage, richness, contamination."""
+    from .catalog import read_catalogue
+    from .evaluation import evaluate as _evaluate
+    from .training import load_model
+
+    bundles = {}
+    for p in model:
+        b = load_model(p)
+        bundles[b.kind] = b
+    primary = load_model(model[0]).kind
+    metrics = _evaluate(bundles, read_catalogue(data), out, primary=primary, baselines=baselines,
+                        progress=not quiet)
+    _echo_dict({k: v for k, v in metrics.items() if not isinstance(v, dict | list)})
+
+
+@app.command()
+def infer(
+    model: Annotated[Path, typer.Option(help="calibrated model bundle")],
+    out: Annotated[Path, typer.Option(help="output directory (posteriors.parquet)")],
+    data: Annotated[Path | None, typer.Option(help="a clustermass catalogue directory")] = None,
+    galaxies: Annotated[Path | None, typer.Option(help="survey galaxy table (FITS/CSV/ECSV/VOTable/parquet)")] = None,
+    clusters: Annotated[Path | None, typer.Option(help="cluster list (id, RA, Dec, z)")] = None,
+    ra_col: Annotated[str, typer.Option(help="RA column [deg]")] = "ra",
+    dec_col: Annotated[str, typer.Option(help="Dec column [deg]")] = "dec",
+    z_col: Annotated[str, typer.Option(help="redshift column")] = "z",
+    id_col: Annotated[str, typer.Option(help="cluster id column")] = "id",
+    mag_col: Annotated[str | None, typer.Option(help="apparent r magnitude column (optional)")] = None,
+    mag_limit: Annotated[float | None, typer.Option(help="flux limit to apply [mag] (default: the model's)")] = None,
+    plots: Annotated[bool, typer.Option(help="write a posterior figure per cluster")] = False,
+    quiet: Quiet = False,
+) -> None:
+    """Posterior masses for a catalogue (--data) or for sky tables (--galaxies + --clusters)."""
+    from .inference import infer_catalogue, infer_sky_tables
+
+    if (data is None) == (galaxies is None or clusters is None):
+        raise ClustermassError("give either --data DIR, or both --galaxies and --clusters")
+    if data is not None:
+        path = infer_catalogue(model, data, out, plots=plots, progress=not quiet)
+    else:
+        path = infer_sky_tables(model, galaxies, clusters, out, ra_col=ra_col, dec_col=dec_col,
+                                z_col=z_col, id_col=id_col, mag_col=mag_col, mag_limit=mag_limit,
+                                plots=plots, progress=not quiet)
+    typer.echo(f"posteriors written to {path}")
+
+
+@app.command()
+def compare(
+    posteriors: Annotated[Path, typer.Option(help="posteriors.parquet from `infer`")],
+    reference: Annotated[Path, typer.Option(help="table with published masses (id, log_m, log_m_err)")],
+    out: Annotated[Path, typer.Option(help="output directory")],
+    id_col: Annotated[str, typer.Option(help="id column of the reference table")] = "id",
+    mass_col: Annotated[str, typer.Option(help="published log10 M200c column [h^-1 Msun]")] = "log_m200c",
+    err_col: Annotated[str | None, typer.Option(help="published mass error column [dex]")] = None,
+) -> None:
+    """Compare inferred masses with published ones: normalised contrast and figures (paper Fig. 9)."""
+    from .inference import compare_tables
+
+    summary = compare_tables(posteriors, reference, out, id_col=id_col, mass_col=mass_col, err_col=err_col)
+    _echo_dict(summary)
+
+
+@app.command()
+def report(run_dir: Annotated[Path, typer.Argument(help="a run directory (from `run` or `evaluate`)")]) -> None:
+    """Build the self-contained report.html of a run directory."""
+    from .report import build_report
+
+    if not Path(run_dir).is_dir():
+        raise ClustermassError(f"run directory not found: {run_dir}")
+    typer.echo(f"report written to {build_report(run_dir)}")
+
+
+@app.command()
+def run(
+    out: Annotated[Path, typer.Option(help="run directory")] = Path("runs/quick"),
+    preset: Preset = "quick",
+    config: ConfigFile = None,
+    set_: Sets = None,
+    seed: Seed = None,
+    quiet: Quiet = False,
+) -> None:
+    """The whole pipeline: simulate -> train -> calibrate (SBI) -> evaluate -> report."""
+    from .pipeline import run_pipeline
+
+    cfg = _config(preset, config, set_, seed)
+    metrics = run_pipeline(cfg, out, progress=not quiet)
+    keys = ("eps_mean", "eps_std", "log_m_true_std", "coverage_68", "coverage_95", "sigma_N", "sigma_0")
+    _echo_dict({k: metrics[k] for k in keys if k in metrics})
+
+
+def main() -> None:
+    """Entry point: run the typer app, turning user errors into one-line messages."""
+    try:
+        app(standalone_mode=False)
+    except ClustermassError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except (FileNotFoundError, NotADirectoryError, PermissionError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except typer.Abort:
+        typer.echo("aborted", err=True)
+        sys.exit(1)
+    except Exception as exc:  # click usage errors
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        if isinstance(exc, click.exceptions.Exit):
+            sys.exit(exc.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()

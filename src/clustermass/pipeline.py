@@ -1,0 +1,114 @@
+"""The whole chain, stage by stage: simulate -> train -> calibrate -> evaluate -> report.
+
+Each stage function reads what the previous one wrote, so the CLI commands and
+:func:`run_pipeline` share one code path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ._io import write_json_atomic, write_text_atomic
+from .catalog import Catalogue, read_catalogue, write_catalogue
+from .config import RunConfig, dump_config
+from .errors import ClustermassError
+
+
+def _log(msg: str, progress: bool) -> None:
+    if progress:
+        print(f"[clustermass] {msg}", flush=True)
+
+
+def config_hash(*sections) -> str:
+    """Short hash of config sections (decides whether a cached stage output can be reused)."""
+    text = json.dumps([s.model_dump(mode="json") for s in sections], sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def simulate_stage(cfg: RunConfig, out: Path, progress: bool = True) -> Catalogue:
+    """Simulate the mock catalogue into ``out`` (reused when it exists with the same config and seed)."""
+    from .simulate import simulate_catalogue
+
+    key = config_hash(cfg.simulation, cfg.window) + f"-s{cfg.seed}"
+    meta_file = out / "catalogue.json"
+    if (out / "clusters.parquet").is_file() and meta_file.is_file():
+        if json.loads(meta_file.read_text()).get("config_key") == key:
+            _log(f"reusing catalogue in {out}", progress)
+            return read_catalogue(out)
+    cat = simulate_catalogue(cfg.simulation, cfg.window, seed=cfg.seed, progress=progress)
+    cat.meta = {**cat.meta, "config_key": key, "seed": cfg.seed,
+                "simulation": cfg.simulation.model_dump(mode="json"),
+                "window": cfg.window.model_dump(mode="json")}
+    write_catalogue(cat, out)
+    return cat
+
+
+def train_stage(cfg: RunConfig, cat: Catalogue, kind: str, out: Path, progress: bool = True):
+    """Train one network of ``kind`` on the catalogue's train split; the bundle goes to ``out``."""
+    from .training import train_model
+
+    training = cfg.training.model_copy(update={"model": kind})
+    return train_model(cat, kind, cfg.window, cfg.kde, training, seed=cfg.seed, out_dir=out,
+                       progress=progress)
+
+
+def calibrate_stage(bundle, cat: Catalogue, bandwidth: float, split: str = "test",
+                    progress: bool = True):
+    """SBI calibration: predict the ``split`` diagrams and store the (d_pred, log_m_true) pairs."""
+    rows = cat.rows(split)
+    if len(rows) < 10:
+        raise ClustermassError(f"calibration needs the '{split}' split; the catalogue has {len(rows)} such diagrams")
+    truth = cat.clusters["log_m200c"].to_numpy()[rows]
+    if not np.isfinite(truth).all():
+        raise ClustermassError(f"calibration needs true masses, but the '{split}' split has NaN log_m200c")
+    d_pred = bundle.predict(cat, rows=rows, progress=progress)
+    bundle.set_calibration(d_pred, truth, bandwidth)
+    return bundle
+
+
+def run_pipeline(cfg: RunConfig, out: str | Path, progress: bool = True) -> dict:
+    """Run every stage of the pipeline for ``cfg`` into directory ``out``; returns the metrics."""
+    from .evaluation import evaluate
+    from .report import build_report
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / "config.yaml", dump_config(cfg))
+    timings: dict[str, float] = {}
+
+    t0 = time.perf_counter()
+    _log("1/5 simulate", progress)
+    cat = simulate_stage(cfg, out / "catalogue", progress)
+    timings["simulate_s"] = time.perf_counter() - t0
+
+    kinds = [cfg.training.model] + [k for k in cfg.evaluation.comparison_models if k != cfg.training.model]
+    bundles = {}
+    for kind in kinds:
+        t0 = time.perf_counter()
+        _log(f"2/5 train {kind}", progress)
+        bundles[kind] = train_stage(cfg, cat, kind, out / "models" / kind, progress)
+        timings[f"train_{kind}_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        _log(f"3/5 calibrate {kind} on the test split", progress)
+        calibrate_stage(bundles[kind], cat, cfg.calibration.bandwidth, progress=progress)
+        timings[f"calibrate_{kind}_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    _log("4/5 evaluate", progress)
+    metrics = evaluate(bundles, cat, out, primary=cfg.training.model,
+                       baselines=cfg.evaluation.baselines, progress=progress)
+    timings["evaluate_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    _log("5/5 report", progress)
+    write_json_atomic(out / "timings.json", timings)
+    report = build_report(out)
+    timings["report_s"] = time.perf_counter() - t0
+    write_json_atomic(out / "timings.json", timings)
+    _log(f"done: {report}", progress)
+    return metrics

@@ -1,0 +1,74 @@
+"""The catalogue format: schema validation, units metadata, round trip, atomic writes."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from clustermass.catalog import Catalogue, read_catalogue, units_of, write_catalogue
+from clustermass.errors import CatalogueError
+
+
+def make_catalogue(n=5, seed=0):
+    rng = np.random.default_rng(seed)
+    clusters = pd.DataFrame({
+        "diagram_id": np.arange(n), "halo_id": np.arange(n) // 2,
+        "split": np.array(["train", "test", "eval", "train", "test"] * n)[:n],
+        "log_m200c": rng.uniform(13.7, 15.2, n), "r200c": np.ones(n), "v200c": np.full(n, 800.0),
+        "redshift": np.full(n, 0.05), "n_gal": np.zeros(n, int), "n_mem": np.zeros(n, int),
+    })
+    ngal = rng.integers(3, 20, n)
+    clusters["n_gal"] = ngal
+    gal = pd.DataFrame({
+        "diagram_id": np.repeat(np.arange(n), ngal)[::-1].copy(),  # unsorted on purpose
+        "x_proj": rng.uniform(-1.6, 1.6, ngal.sum()), "y_proj": rng.uniform(-1.6, 1.6, ngal.sum()),
+        "v_los": rng.normal(0, 500, ngal.sum()),
+    })
+    return Catalogue(clusters, gal)
+
+
+def test_round_trip_and_units(tmp_path):
+    cat = make_catalogue()
+    cat.meta = {"seed": 3}
+    write_catalogue(cat, tmp_path / "cat")
+    back = read_catalogue(tmp_path / "cat")
+    pd.testing.assert_frame_equal(back.clusters, cat.clusters)
+    pd.testing.assert_frame_equal(back.galaxies, cat.galaxies)
+    assert back.meta["seed"] == 3
+    units = units_of(tmp_path / "cat" / "galaxies.parquet")
+    assert units["x_proj"] == "h^-1 Mpc" and units["v_los"] == "km/s"
+    assert not list((tmp_path / "cat").glob(".*.tmp"))
+
+
+def test_points_follow_offsets():
+    cat = make_catalogue()
+    assert cat.galaxies["diagram_id"].is_monotonic_increasing
+    for row in range(len(cat)):
+        pts = cat.points(row)
+        did = cat.clusters["diagram_id"].iloc[row]
+        expect = cat.galaxies.loc[cat.galaxies["diagram_id"] == did, ["x_proj", "y_proj", "v_los"]].to_numpy()
+        np.testing.assert_array_equal(pts, expect)
+        assert len(pts) == cat.clusters["n_gal"].iloc[row]
+    sub = cat.subset(cat.rows("test"))
+    assert set(sub.clusters["split"]) == {"test"}
+    assert set(sub.galaxies["diagram_id"]) <= set(sub.clusters["diagram_id"])
+
+
+def test_schema_errors_name_the_column(tmp_path):
+    cat = make_catalogue()
+    with pytest.raises(CatalogueError, match="v_los"):
+        Catalogue(cat.clusters, cat.galaxies.drop(columns="v_los"))
+    with pytest.raises(CatalogueError, match="log_m200c"):
+        Catalogue(cat.clusters.drop(columns="log_m200c"), cat.galaxies)
+    bad = cat.galaxies.copy()
+    bad.loc[0, "x_proj"] = np.nan
+    with pytest.raises(CatalogueError, match="NaN"):
+        Catalogue(cat.clusters, bad)
+    bad = cat.galaxies.copy()
+    bad["x_proj"] = "a"
+    with pytest.raises(CatalogueError, match="x_proj"):
+        Catalogue(cat.clusters, bad)
+    with pytest.raises(CatalogueError, match="not found"):
+        read_catalogue(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CatalogueError, match="clusters.parquet"):
+        read_catalogue(tmp_path / "empty")

@@ -1,0 +1,42 @@
+"""End to end: the whole `run` pipeline at the tiny preset; every output exists and parses."""
+
+import json
+
+import pandas as pd
+import yaml
+
+from clustermass.config import load_config
+from clustermass.pipeline import run_pipeline
+
+
+def test_run_pipeline_tiny(tmp_path):
+    out = tmp_path / "run"
+    cfg = load_config("tiny", seed=1)
+    metrics = run_pipeline(cfg, out, progress=False)
+
+    for key in ("eps_mean", "eps_std", "coverage_68", "coverage_95", "sigma_N", "sigma_0"):
+        assert key in metrics
+    on_disk = json.loads((out / "metrics.json").read_text())
+    assert on_disk["eps_std"] == metrics["eps_std"]
+    assert "cnn1d" in on_disk["models"]
+
+    cat = out / "catalogue"
+    assert len(pd.read_parquet(cat / "clusters.parquet")) > 0
+    assert len(pd.read_parquet(cat / "galaxies.parquet")) > 0
+    for kind in ("cnn3d", "cnn1d"):
+        bundle = out / "models" / kind
+        assert (bundle / "weights.safetensors").stat().st_size > 0
+        meta = json.loads((bundle / "model.json").read_text())
+        assert meta["calibration"]["bandwidth"] == cfg.calibration.bandwidth
+        assert len(pd.read_parquet(bundle / "calibration.parquet")) > 0
+
+    post = pd.read_parquet(out / "posteriors.parquet")
+    for col in ("diagram_id", "d_pred", "log_m_map", "log_m_median", "log_m_lo1", "log_m_hi1",
+                "log_m_lo2", "log_m_hi2"):
+        assert col in post.columns
+    assert (post["log_m_lo2"] <= post["log_m_lo1"]).all() and (post["log_m_lo1"] <= post["log_m_hi1"]).all()
+    assert yaml.safe_load((out / "config.yaml").read_text())["preset"] == "tiny"
+    figures = list((out / "figures").glob("*.png"))
+    assert len(figures) >= 3
+    html = (out / "report.html").read_text()
+    assert "<html" in html.lower() and "data:image/png;base64" in html
