@@ -157,20 +157,26 @@ def infer(
     id_col: Annotated[str, typer.Option(help="cluster id column")] = "id",
     mag_col: Annotated[str | None, typer.Option(help="apparent r magnitude column (optional)")] = None,
     mag_limit: Annotated[float | None, typer.Option(help="flux limit to apply [mag] (default: the model's)")] = None,
+    angle_unit: Annotated[str, typer.Option(help="unit of RA/Dec: deg or rad")] = "deg",
+    authors_sdss: Annotated[Path | None, typer.Option(help="cluster list in the authors' public SDSS format (id, log M200c, error); --galaxies is then their galaxy file or folder")] = None,
     plots: Annotated[bool, typer.Option(help="write a posterior figure per cluster")] = False,
     quiet: Quiet = False,
 ) -> None:
     """Posterior masses for a catalogue (--data) or for sky tables (--galaxies + --clusters)."""
-    from .inference import infer_catalogue, infer_sky_tables
+    from .inference import infer_authors_sdss, infer_catalogue, infer_sky_tables
 
-    if (data is None) == (galaxies is None or clusters is None):
+    if authors_sdss is not None:
+        if galaxies is None:
+            raise ClustermassError("--authors-sdss needs --galaxies (their galaxy file or folder)")
+        path = infer_authors_sdss(model, authors_sdss, galaxies, out, plots=plots, progress=not quiet)
+    elif (data is None) == (galaxies is None or clusters is None):
         raise ClustermassError("give either --data DIR, or both --galaxies and --clusters")
-    if data is not None:
+    elif data is not None:
         path = infer_catalogue(model, data, out, plots=plots, progress=not quiet)
     else:
         path = infer_sky_tables(model, galaxies, clusters, out, ra_col=ra_col, dec_col=dec_col,
                                 z_col=z_col, id_col=id_col, mag_col=mag_col, mag_limit=mag_limit,
-                                plots=plots, progress=not quiet)
+                                angle_unit=angle_unit, plots=plots, progress=not quiet)
     typer.echo(f"posteriors written to {path}")
 
 
@@ -188,6 +194,25 @@ def compare(
 
     summary = compare_tables(posteriors, reference, out, id_col=id_col, mass_col=mass_col, err_col=err_col)
     _echo_dict(summary)
+
+
+@app.command("massfunction")
+def massfunction(
+    posteriors: Annotated[Path, typer.Option(help="posteriors.parquet from `infer` on a survey")],
+    out: Annotated[Path, typer.Option(help="output directory")],
+    area: Annotated[float, typer.Option(help="survey area [deg^2] (SDSS: 8250)")] = 8250.0,
+    distance_max: Annotated[float, typer.Option(help="maximum comoving distance [h^-1 Mpc]")] = 250.0,
+    log_m_min: Annotated[float | None, typer.Option(help="completeness mass, marked on the figure")] = None,
+    n_boot: Annotated[int, typer.Option(help="bootstrap resamples for the 1-sigma band")] = 200,
+    seed: Seed = None,
+) -> None:
+    """Cluster mass function from inferred masses vs Tinker et al. 2008 (Planck 2018) (paper Fig. 10)."""
+    from .massfunction import write_mass_function
+    from .sky import read_table
+
+    summary = write_mass_function(read_table(posteriors), out, area, distance_max, log_m_min=log_m_min,
+                                  n_boot=n_boot, seed=seed or 0)
+    _echo_dict({k: v for k, v in summary.items() if not isinstance(v, dict | list)})
 
 
 @app.command()

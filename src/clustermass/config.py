@@ -44,6 +44,10 @@ class SimulationConfig(_Section):
     max_sightlines: int = Field(25, ge=1, description="most sight lines per halo")
     interlopers: bool = Field(True, description="include line-of-sight interloper halos")
     chunk_size: int = Field(2000, ge=1, description="diagrams generated per independently seeded chunk")
+    volume: float = Field(1e9, gt=0, description="volume the unique cluster halos come from [h^-3 Mpc^3] (MDPL2: 1e9)")
+    distance_min: float = Field(40.0, ge=0, description="smallest observer distance [h^-1 Mpc, comoving]")
+    anisotropy: float = Field(0.0, lt=1, description="constant velocity anisotropy beta of satellites")
+    halo_log_m_min: float = Field(13.0, description="mass floor of the halos table (interloper truth) [log10 h^-1 Msun]")
 
     @property
     def n_total(self) -> int:
@@ -53,6 +57,8 @@ class SimulationConfig(_Section):
     def _check(self) -> SimulationConfig:
         if self.log_m_max <= self.log_m_min:
             raise ValueError("log_m_max must exceed log_m_min")
+        if self.distance_min >= self.distance_max:
+            raise ValueError("distance_min must be below distance_max")
         return self
 
 
@@ -76,12 +82,19 @@ class TrainingConfig(_Section):
     val_fraction: float = Field(0.1, gt=0, lt=1, description="fraction of training halos held out")
     augment: bool = Field(False, description="random sky-plane rotations/reflections")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes")
+    cache_inputs: bool = Field(True, description="build the KDE grids once and keep them in memory (not with augment)")
+    cache_max_gb: float = Field(12.0, ge=0, description="largest in-memory grid cache [GB] (paper: 8.5); beyond it grids are rebuilt each epoch")
+    precision: Literal["auto", "32-true", "16-mixed", "bf16-mixed"] = Field(
+        "auto", description="auto: bf16/16-mixed on a GPU, 32-bit on CPU")
 
 
 class CalibrationConfig(_Section):
     """SBI calibration: joint KDE of (prediction, true mass) on the test split (sec. 6)."""
 
     bandwidth: float = Field(0.20, gt=0, description="scipy bw_method factor of the 2D joint KDE")
+    min_neighbours: float = Field(
+        5.0, gt=0, description="kernel weight of calibration pairs below which a prediction is out of range"
+    )
 
 
 class EvaluationConfig(_Section):

@@ -42,12 +42,17 @@ def write_table(table: pd.DataFrame, path: str | Path) -> Path:
 
 
 def _cluster_figures(post, table: pd.DataFrame, out: Path) -> None:
+    """One posterior figure per cluster with a prediction: ``out/figures/posterior_<id>.png``."""
     from ._io import save_figure
-    from .plots.posterior import plot_cluster_posterior
+    from .plots.posterior import plot_single_posterior
 
-    for _, row in table.iterrows():
-        fig = plot_cluster_posterior(post, float(row["d_pred"]), title=f"cluster {row.iloc[0]}")
-        save_figure(fig, out / "figures" / f"posterior_{row.iloc[0]}.png")
+    key = "id" if "id" in table.columns else "diagram_id"
+    for cid, d, truth in zip(table[key], table["d_pred"], table.get("log_m_true", [None] * len(table)),
+                             strict=True):
+        if not np.isfinite(d):
+            continue
+        fig = plot_single_posterior(post, float(d), log_m_true=truth, label=f"cluster {cid}")
+        save_figure(fig, out / "figures" / f"posterior_{cid}.png")
 
 
 def infer_catalogue(model: str | Path, data: str | Path, out: str | Path, plots: bool = False,
@@ -66,7 +71,8 @@ def infer_catalogue(model: str | Path, data: str | Path, out: str | Path, plots:
 
 
 def infer_sky_tables(model, galaxies, clusters, out, *, ra_col="ra", dec_col="dec", z_col="z",
-                     id_col="id", mag_col=None, mag_limit=None, plots=False, progress=True) -> Path:
+                     id_col="id", mag_col=None, mag_limit=None, angle_unit="deg", plots=False,
+                     progress=True) -> Path:
     """Posteriors for clusters given on the sky (RA, Dec, z) with a survey galaxy table."""
     from .sky import infer_sky, read_table
     from .training import load_model
@@ -75,7 +81,22 @@ def infer_sky_tables(model, galaxies, clusters, out, *, ra_col="ra", dec_col="de
     gal = read_table(galaxies)
     cl = read_table(clusters)
     table = infer_sky(bundle, gal, cl, ra_col=ra_col, dec_col=dec_col, z_col=z_col, id_col=id_col,
-                      mag_col=mag_col, mag_limit=mag_limit)
+                      mag_col=mag_col, mag_limit=mag_limit, angle_unit=angle_unit, progress=progress)
+    out = Path(out)
+    path = write_table(table, out / "posteriors.parquet")
+    if plots:
+        _cluster_figures(bundle.posterior(), table, out)
+    return path
+
+
+def infer_authors_sdss(model, cluster_list, galaxy_source, out, *, plots=False, progress=True) -> Path:
+    """Posteriors for the authors' public SDSS input (cluster list + per-cluster x, y, v tables)."""
+    from .sky import infer_sky_catalogue, read_authors_sdss
+    from .training import load_model
+
+    bundle = load_model(model)
+    cat = read_authors_sdss(cluster_list, galaxy_source, window=bundle.window)
+    table = infer_sky_catalogue(bundle, cat, progress=progress)
     out = Path(out)
     path = write_table(table, out / "posteriors.parquet")
     if plots:

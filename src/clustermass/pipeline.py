@@ -53,8 +53,14 @@ def train_stage(cfg: RunConfig, cat: Catalogue, kind: str, out: Path, progress: 
     from .training import train_model
 
     training = cfg.training.model_copy(update={"model": kind})
-    return train_model(cat, kind, cfg.window, cfg.kde, training, seed=cfg.seed, out_dir=out,
-                       progress=progress)
+    bundle = train_model(cat, kind, cfg.window, cfg.kde, training, seed=cfg.seed, out_dir=out,
+                         progress=progress)
+    # what the model was trained on decides where it may be applied (flux limit, distances)
+    sim = cat.meta.get("simulation") or {}
+    keys = ("mag_limit", "distance_max", "log_m_min", "log_m_max")
+    bundle.meta["training_data"] = {k: sim[k] for k in keys if k in sim}
+    write_json_atomic(Path(out) / "model.json", bundle.meta)
+    return bundle
 
 
 def calibrate_stage(bundle, cat: Catalogue, bandwidth: float, split: str = "test",

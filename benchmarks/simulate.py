@@ -1,0 +1,133 @@
+"""Simulator benchmark: diagrams per second and the extrapolated time of the paper's catalogue.
+
+Runs ``simulate_catalogue`` on one core for the quick preset's catalogue (6000 diagrams, 10
+sight lines) and for paper settings (25 sight lines; 43,000 diagrams, or a slice of that size
+with --quick, extrapolated), and compares with the target of the issue: 4.3e4 diagrams in
+10 minutes on 2 cores (ratio = target time / our time; > 1 is faster than needed; the one-core
+time is compared with the 2-core budget, so the ratio is conservative). Optionally runs the
+independent chunks on a process pool (--workers 2), as Dask would.
+
+    python benchmarks/simulate.py [--quick] [--workers N] [--out benchmarks/results/simulate.json]
+"""
+
+from __future__ import annotations
+
+import os
+
+for _v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+    os.environ[_v] = "1"
+
+import argparse  # noqa: E402
+import platform  # noqa: E402
+import resource  # noqa: E402
+import time  # noqa: E402
+from concurrent.futures import ProcessPoolExecutor  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from clustermass._io import write_json_atomic  # noqa: E402
+from clustermass.config import SimulationConfig, WindowConfig  # noqa: E402
+from clustermass.simulate import simulate_catalogue, simulate_chunk  # noqa: E402
+from clustermass.simulate.mock import plan  # noqa: E402
+
+PAPER_N = 43000
+TARGET_S = 600.0  # issue 4: the paper-scale catalogue in < 10 min on 2 cores
+
+
+def _run(sim: SimulationConfig, window: WindowConfig, seed: int = 0) -> tuple[float, object]:
+    simulate_catalogue(
+        SimulationConfig(n_train=20, n_test=0, n_eval=0), window, seed, progress=False
+    )  # warm caches
+    t = time.perf_counter()
+    cat = simulate_catalogue(sim, window, seed, progress=False)
+    return time.perf_counter() - t, cat
+
+
+def _pool(sim: SimulationConfig, window: WindowConfig, workers: int, seed: int = 0) -> float:
+    halos, seeds = plan(sim, seed)
+    parts = [halos[halos["chunk"] == c] for c in range(len(seeds))]
+    t = time.perf_counter()
+    with ProcessPoolExecutor(workers) as ex:
+        n = sum(
+            len(r[0])
+            for r in ex.map(simulate_chunk, parts, [sim] * len(parts), [window] * len(parts), seeds)
+        )
+    assert n == sim.n_total
+    return time.perf_counter() - t
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument(
+        "--quick", action="store_true", help="paper settings on 8000 diagrams, extrapolated"
+    )
+    ap.add_argument("--workers", type=int, default=0, help="also time a process pool over chunks")
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/simulate.json"))
+    args = ap.parse_args()
+    window = WindowConfig()
+    n_paper = 8000 if args.quick else PAPER_N
+    cases = {
+        "quick preset (6000, 10 sight lines)": SimulationConfig(
+            n_train=3000, n_test=2000, n_eval=1000, max_sightlines=10
+        ),
+        f"paper settings ({n_paper}, 25 sight lines)": SimulationConfig(
+            n_train=n_paper * 17 // 42,
+            n_test=n_paper * 20 // 42,
+            n_eval=n_paper - n_paper * 37 // 42,
+        ),
+    }
+    rows = []
+    print(
+        f"{'case':42s} {'diagrams':>8s} {'time [s]':>9s} {'diag/s':>8s} {'gal/diag':>8s} "
+        f"{'4.3e4 [s]':>9s} {'target [s]':>10s} {'ratio':>6s}"
+    )
+    for name, sim in cases.items():
+        dt, cat = _run(sim, window)
+        rate = len(cat) / dt
+        t_paper = PAPER_N / rate
+        row = {
+            "case": name,
+            "n_diagrams": len(cat),
+            "seconds": dt,
+            "diagrams_per_s": rate,
+            "galaxies_per_diagram": len(cat.galaxies) / len(cat),
+            "extrapolated_paper_s": t_paper,
+            "target_paper_s": TARGET_S,
+            "ratio": TARGET_S / t_paper,
+        }
+        rows.append(row)
+        print(
+            f"{name:42s} {len(cat):8d} {dt:9.2f} {rate:8.0f} {row['galaxies_per_diagram']:8.0f} "
+            f"{t_paper:9.1f} {TARGET_S:10.0f} {row['ratio']:6.1f}"
+        )
+    if args.workers:
+        sim = cases[f"paper settings ({n_paper}, 25 sight lines)"].model_copy(
+            update={"chunk_size": 1000}
+        )
+        dt = _pool(sim, window, args.workers)
+        rows.append(
+            {
+                "case": f"process pool x{args.workers}",
+                "n_diagrams": sim.n_total,
+                "seconds": dt,
+                "diagrams_per_s": sim.n_total / dt,
+                "extrapolated_paper_s": PAPER_N * dt / sim.n_total,
+            }
+        )
+        print(
+            f"{'process pool x' + str(args.workers):42s} {sim.n_total:8d} {dt:9.2f} {sim.n_total / dt:8.0f}"
+        )
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3
+    print(f"peak memory {peak_mb:.0f} MB")
+    write_json_atomic(
+        args.out,
+        {
+            "cases": rows,
+            "peak_rss_mb": peak_mb,
+            "machine": platform.processor() or platform.machine(),
+            "python": platform.python_version(),
+        },
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,212 @@
+"""Calibration diagnostics of mass posteriors on evaluation pairs (d_obs, true log M).
+
+SCIENCE.md sec. 6: a sub-optimal network may widen posteriors but must not bias them. All
+functions take a posterior object with ``cdf(d_obs, log_m)`` (e.g.
+:class:`clustermass.posterior.JointKDEPosterior`), the predictions ``d_obs`` and the true
+``log_m_true`` [log10 h^-1 Msun] of an evaluation set, and are exact (no sampling): for a
+continuous posterior, the truth lies in the central x interval iff its PIT value u = F(truth)
+satisfies |u - 1/2| <= x/2.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from .errors import ClustermassError
+
+__all__ = [
+    "calibration_metrics",
+    "coverage_by_mass",
+    "coverage_curve",
+    "coverage_from_pit",
+    "pit_values",
+    "tarp_test",
+]
+
+#: Nominal probability inside [lo1, hi1] and [lo2, hi2] of the posterior table.
+NOMINAL_68 = 0.8413 - 0.1587
+NOMINAL_95 = 0.97725 - 0.02275
+
+
+class DiagnosticsError(ClustermassError, ValueError):
+    """Evaluation pairs are malformed (lengths differ, empty, non-finite)."""
+
+
+def _pairs(d_obs, log_m_true) -> tuple[np.ndarray, np.ndarray]:
+    d = np.asarray(d_obs, dtype=float).ravel()
+    m = np.asarray(log_m_true, dtype=float).ravel()
+    if d.shape != m.shape:
+        raise DiagnosticsError(f"d_obs ({d.size}) and log_m_true ({m.size}) differ in length")
+    ok = np.isfinite(d) & np.isfinite(m)
+    if not ok.any():
+        raise DiagnosticsError("no finite evaluation pairs")
+    return d[ok], m[ok]
+
+
+def pit_values(posterior, d_obs, log_m_true) -> np.ndarray:
+    """Probability integral transform: the posterior CDF at the true mass, one per cluster.
+
+    Parameters
+    ----------
+    posterior : object with ``cdf(d_obs, log_m)``
+    d_obs, log_m_true : array_like (n,)
+        Predictions and true log10 M200c [h^-1 Msun]; non-finite pairs are dropped.
+
+    Returns
+    -------
+    ndarray (n_finite,)
+        Uniform on [0, 1] for calibrated posteriors.
+    """
+    d, m = _pairs(d_obs, log_m_true)
+    return np.clip(posterior.cdf(d, m), 0.0, 1.0)
+
+
+def coverage_from_pit(pit, levels) -> np.ndarray:
+    """Fraction of PIT values inside the central interval of each level (0..1)."""
+    pit = np.asarray(pit, dtype=float)
+    lv = np.asarray(levels, dtype=float)
+    dist = np.sort(np.abs(pit - 0.5))
+    return np.searchsorted(dist, lv / 2.0, side="right") / max(pit.size, 1)
+
+
+def coverage_curve(posterior, d_obs, log_m_true, levels=None) -> np.ndarray:
+    """Empirical coverage of the central credible interval of every level.
+
+    Parameters
+    ----------
+    posterior : object with ``cdf(d_obs, log_m)``
+    d_obs, log_m_true : array_like (n,)
+    levels : array_like, default ``np.linspace(0, 1, 101)``
+        Credibility of the central interval (0.68 = from the 16th to the 84th percentile).
+
+    Returns
+    -------
+    ndarray like ``levels``
+        Fraction of clusters whose true mass lies inside; the ideal is ``levels``.
+    """
+    levels = np.linspace(0, 1, 101) if levels is None else levels
+    return coverage_from_pit(pit_values(posterior, d_obs, log_m_true), levels)
+
+
+def coverage_by_mass(posterior, d_obs, log_m_true, bins=6, levels=(0.68, 0.95)) -> pd.DataFrame:
+    """Coverage of central intervals in bins of true mass.
+
+    Parameters
+    ----------
+    posterior, d_obs, log_m_true : as in :func:`coverage_curve`
+    bins : int or array_like
+        Number of equal-width bins over the range of ``log_m_true``, or bin edges [dex].
+    levels : sequence of float
+        Credibility levels.
+
+    Returns
+    -------
+    DataFrame
+        ``log_m_lo, log_m_hi, log_m_mid, n`` and ``coverage_<100*level>`` (e.g. ``coverage_68``)
+        plus ``error_<...>``, the binomial standard error of each coverage.
+    """
+    d, m = _pairs(d_obs, log_m_true)
+    pit = np.clip(posterior.cdf(d, m), 0.0, 1.0)
+    edges = np.linspace(m.min(), m.max(), int(bins) + 1) if np.ndim(bins) == 0 else np.asarray(bins, float)
+    if edges.size < 2 or np.any(np.diff(edges) <= 0):
+        raise DiagnosticsError("bins must be a positive count or increasing edges")
+    k = np.clip(np.searchsorted(edges, m, side="right") - 1, 0, edges.size - 2)
+    inside = (m >= edges[0]) & (m <= edges[-1])
+    rows = []
+    for b in range(edges.size - 1):
+        sel = inside & (k == b)
+        row = {"log_m_lo": edges[b], "log_m_hi": edges[b + 1], "log_m_mid": 0.5 * (edges[b] + edges[b + 1]), "n": int(sel.sum())}
+        for lv in levels:
+            key = f"{100 * lv:g}".replace(".", "p")
+            cov = coverage_from_pit(pit[sel], [lv])[0] if sel.any() else np.nan
+            row[f"coverage_{key}"] = cov
+            row[f"error_{key}"] = np.sqrt(lv * (1 - lv) / sel.sum()) if sel.any() else np.nan
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def tarp_test(posterior, d_obs, log_m_true, levels=None, reference=None, seed: int = 0) -> dict:
+    """Expected-coverage test TARP (Lemos et al. 2023), exact in one dimension.
+
+    For each cluster j a reference point ``r_j`` is drawn independently of the truth (uniform
+    over the range of ``log_m_true``, i.e. the prior box, unless given). The credibility of the
+    truth is ``f_j = P(|M - r_j| < |M_true - r_j|)`` under the posterior, computed exactly from
+    the CDF as ``F(r + a) - F(r - a)`` with ``a = |M_true - r|`` (TARP draws posterior samples; in
+    1D the CDF makes that unnecessary). The expected coverage ``ECP(alpha) = mean(f_j < alpha)``
+    equals ``alpha`` for calibrated posteriors.
+
+    Parameters
+    ----------
+    posterior, d_obs, log_m_true : as in :func:`coverage_curve`
+    levels : array_like, default ``np.linspace(0, 1, 101)``
+    reference : array_like (n,) or None
+        Reference points [dex]; default random uniform as above.
+    seed : int
+        Seed of the reference points.
+
+    Returns
+    -------
+    dict
+        ``alpha``, ``ecp`` (arrays), ``credibility`` (the f_j), ``max_deviation``
+        (max |ECP - alpha|) and ``ks_pvalue`` (KS test of f_j against uniform).
+    """
+    d, m = _pairs(d_obs, log_m_true)
+    levels = np.linspace(0, 1, 101) if levels is None else np.asarray(levels, float)
+    if reference is None:
+        rng = np.random.default_rng(seed)
+        ref = rng.uniform(m.min(), m.max(), m.size)
+    else:
+        ref = np.asarray(reference, float).ravel()
+        if ref.size != m.size:
+            raise DiagnosticsError("reference needs one point per finite evaluation pair")
+    a = np.abs(m - ref)
+    cdf = posterior.cdf(d, np.column_stack([ref - a, ref + a]))
+    f = np.clip(cdf[:, 1] - cdf[:, 0], 0.0, 1.0)
+    ecp = np.searchsorted(np.sort(f), levels, side="left") / f.size
+    return {
+        "alpha": levels,
+        "ecp": ecp,
+        "credibility": f,
+        "max_deviation": float(np.max(np.abs(ecp - levels))),
+        "ks_pvalue": float(stats.kstest(f, "uniform").pvalue),
+    }
+
+
+def calibration_metrics(posterior, d_obs, log_m_true, levels=None, seed: int = 0) -> dict:
+    """Summary numbers for ``metrics.json``.
+
+    Parameters
+    ----------
+    posterior, d_obs, log_m_true : as in :func:`coverage_curve`
+    levels : array_like, default ``np.linspace(0, 1, 101)``
+        Levels over which the largest coverage deviation is taken.
+    seed : int
+        Seed of the TARP reference points.
+
+    Returns
+    -------
+    dict
+        ``n``; ``coverage_68`` and ``coverage_95``: fractions of truths inside [lo1, hi1] and
+        [lo2, hi2] (nominal ``nominal_68`` = 0.6826, ``nominal_95`` = 0.9545);
+        ``max_coverage_deviation`` over ``levels``; ``pit_ks_statistic``, ``pit_ks_pvalue``
+        (uniformity of the PIT); ``tarp_max_deviation``.
+    """
+    d, m = _pairs(d_obs, log_m_true)
+    levels = np.linspace(0, 1, 101) if levels is None else np.asarray(levels, float)
+    pit = np.clip(posterior.cdf(d, m), 0.0, 1.0)
+    cov = coverage_from_pit(pit, levels)
+    ks = stats.kstest(pit, "uniform")
+    tarp = tarp_test(posterior, d, m, levels=levels, seed=seed)
+    return {
+        "n": int(m.size),
+        "coverage_68": float(np.mean((pit >= 0.1587) & (pit <= 0.8413))),
+        "coverage_95": float(np.mean((pit >= 0.02275) & (pit <= 0.97725))),
+        "nominal_68": NOMINAL_68,
+        "nominal_95": NOMINAL_95,
+        "max_coverage_deviation": float(np.max(np.abs(cov - levels))),
+        "pit_ks_statistic": float(ks.statistic),
+        "pit_ks_pvalue": float(ks.pvalue),
+        "tarp_max_deviation": tarp["max_deviation"],
+    }

@@ -1,0 +1,632 @@
+"""Evaluation on a held-out split: residuals, coverage, richness dependence, contamination.
+
+Conventions (docs/design.md):
+
+* residual ``eps = log10 M_pred - log10 M_true`` (positive = over-prediction; the paper's text
+  writes the opposite sign). ``M_pred`` is the **posterior median** (``log_m_median``) of the
+  calibrated joint-KDE posterior: it is defined for networks and classical baselines alike.
+  ``eps_raw_*`` use the uncalibrated summary ``d_pred`` instead (the paper's point predictions;
+  for the classical baselines ``d_pred`` is not an M200c estimate and ``eps_raw`` is only
+  informative for the networks).
+* coverage: fraction of clusters whose true mass lies inside the central 68.27% (``lo1..hi1``)
+  and 95.45% (``lo2..hi2``) posterior intervals.
+* richness dependence (paper eq. 7): residuals about the best-fit power law
+  ``d_pred = a + b log M_true``, expressed in dex of true mass (divided by ``b``), fitted with
+  ``sigma^2 = sigma_N^2 (N_mem/100)^-1 + sigma_0^2`` by maximum likelihood (Gaussian residuals,
+  errors from the Fisher matrix) or by a weighted fit of binned variances
+  (``scipy.optimize.curve_fit``). The velocity-dispersion-only reference is
+  ``3 / (sqrt(2 N_mem) ln 10)``.
+
+:func:`evaluate_predictions` works on plain tables (posterior summaries per model);
+:func:`evaluate` runs model bundles and the classical baselines and writes
+``posteriors.parquet``, ``posteriors_<name>.parquet``, ``metrics.json`` and ``figures/*.png``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ._io import write_json_atomic
+from .errors import ClustermassError
+
+log = logging.getLogger(__name__)
+
+POINT_ESTIMATE = "log_m_median"
+EPS_DEFINITION = (
+    "eps = log10 M_pred - log10 M_true (positive = over-prediction), "
+    "M_pred = posterior median (log_m_median)"
+)
+SUMMARY_COLUMNS = [
+    "d_pred", "log_m_map", "log_m_median", "log_m_mean",
+    "log_m_lo1", "log_m_hi1", "log_m_lo2", "log_m_hi2",
+]
+LEVEL_1SIGMA = 0.682689492137
+LEVEL_2SIGMA = 0.954499736104
+METRIC_KEYS = [
+    "eps_mean", "eps_std", "coverage_68", "coverage_95", "max_coverage_deviation",
+    "sigma_N", "sigma_N_err", "sigma_0", "sigma_0_err", "log_m_true_std", "n_eval",
+]
+
+
+# ---------------------------------------------------------------------- residual statistics
+def residuals(log_m_pred, log_m_true) -> np.ndarray:
+    """``eps = log_m_pred - log_m_true`` [dex] (positive = over-prediction)."""
+    return np.asarray(log_m_pred, dtype=float) - np.asarray(log_m_true, dtype=float)
+
+
+def mass_bins(log_m_true, width: float = 0.1, min_count: int = 5) -> np.ndarray:
+    """Edges of bins of ``width`` dex spanning ``log_m_true`` (empty edge bins are dropped)."""
+    x = np.asarray(log_m_true, float)
+    x = x[np.isfinite(x)]
+    if len(x) == 0:
+        return np.array([0.0, 1.0])
+    lo = math.floor(x.min() / width) * width
+    hi = math.ceil(x.max() / width) * width
+    edges = np.arange(lo, hi + width / 2, width)
+    if len(edges) < 2:
+        edges = np.array([lo, lo + width])
+    counts, _ = np.histogram(x, edges)
+    keep = np.flatnonzero(counts >= min_count)
+    if len(keep) == 0:
+        return np.array([x.min(), x.max() + 1e-9])
+    return edges[keep[0]: keep[-1] + 2]
+
+
+def binned_statistics(x, y, edges) -> pd.DataFrame:
+    """Per-bin statistics of ``y`` in bins of ``x``.
+
+    Returns
+    -------
+    DataFrame
+        ``x_lo, x_hi, x_mid, n, mean, std, q02, q16, q50, q84, q98`` (quantiles at
+        2.275, 15.87, 50, 84.13, 97.725 %).
+    """
+    x = np.asarray(x, float)
+    y = np.asarray(y, float)
+    ok = np.isfinite(x) & np.isfinite(y)
+    x, y = x[ok], y[ok]
+    edges = np.asarray(edges, float)
+    idx = np.digitize(x, edges) - 1
+    idx[x == edges[-1]] = len(edges) - 2
+    rows = []
+    for k in range(len(edges) - 1):
+        v = y[idx == k]
+        q = np.percentile(v, [2.275, 15.866, 50, 84.134, 97.725]) if len(v) else [np.nan] * 5
+        rows.append(
+            dict(
+                x_lo=edges[k], x_hi=edges[k + 1], x_mid=0.5 * (edges[k] + edges[k + 1]), n=len(v),
+                mean=v.mean() if len(v) else np.nan, std=v.std(ddof=1) if len(v) > 1 else np.nan,
+                q02=q[0], q16=q[1], q50=q[2], q84=q[3], q98=q[4],
+            )
+        )
+    return pd.DataFrame(rows)
+
+
+def coverage_from_summary(summary: pd.DataFrame, log_m_true) -> dict:
+    """Empirical coverage of the 1- and 2-sigma posterior intervals of a summary table."""
+    t = np.asarray(log_m_true, float)
+    lo1, hi1 = summary["log_m_lo1"].to_numpy(float), summary["log_m_hi1"].to_numpy(float)
+    lo2, hi2 = summary["log_m_lo2"].to_numpy(float), summary["log_m_hi2"].to_numpy(float)
+    ok = np.isfinite(lo1) & np.isfinite(t)
+    c68 = float(np.mean((t[ok] >= lo1[ok]) & (t[ok] <= hi1[ok]))) if ok.any() else float("nan")
+    c95 = float(np.mean((t[ok] >= lo2[ok]) & (t[ok] <= hi2[ok]))) if ok.any() else float("nan")
+    return {
+        "coverage_68": c68,
+        "coverage_95": c95,
+        "max_coverage_deviation": float(max(abs(c68 - LEVEL_1SIGMA), abs(c95 - LEVEL_2SIGMA))),
+    }
+
+
+def coverage_curve_from_pit(pit, levels=None) -> tuple[np.ndarray, np.ndarray]:
+    """Coverage of central credible intervals from PIT values ``F(log M_true | d)``.
+
+    A true mass lies inside the central interval of credibility ``x`` when
+    ``|PIT - 1/2| <= x/2``. Returns ``(levels, coverage)``; levels default to 0..1 by 0.01.
+    """
+    pit = np.asarray(pit, float)
+    pit = pit[np.isfinite(pit)]
+    levels = np.linspace(0.0, 1.0, 101) if levels is None else np.asarray(levels, float)
+    dev = np.abs(pit - 0.5)
+    cover = np.array([(dev <= lv / 2 + 1e-12).mean() if len(pit) else np.nan for lv in levels])
+    return levels, cover
+
+
+# ---------------------------------------------------------------------- richness dependence
+def fit_power_law(log_m_true, log_m_pred) -> tuple[float, float]:
+    """Least-squares ``log_m_pred = a + b log_m_true``; returns ``(a, b)``."""
+    x = np.asarray(log_m_true, float)
+    y = np.asarray(log_m_pred, float)
+    ok = np.isfinite(x) & np.isfinite(y)
+    if ok.sum() < 3 or np.ptp(x[ok]) == 0:
+        return float("nan"), float("nan")
+    b, a = np.polyfit(x[ok], y[ok], 1)
+    return float(a), float(b)
+
+
+def power_law_residuals(log_m_true, log_m_pred) -> tuple[np.ndarray, float, float]:
+    """Residuals about the best-fit power law in dex of true mass, ``(y - a - b x) / b``.
+
+    Returns ``(residuals, a, b)``.
+    """
+    a, b = fit_power_law(log_m_true, log_m_pred)
+    r = (np.asarray(log_m_pred, float) - a - b * np.asarray(log_m_true, float)) / b
+    return r, a, b
+
+
+def richness_sigma(n_mem, sigma_N, sigma_0):
+    """Eq. (7): total scatter [dex] ``sqrt(sigma_N^2 (N_mem/100)^-1 + sigma_0^2)``."""
+    return np.sqrt(sigma_N**2 * 100.0 / np.asarray(n_mem, float) + sigma_0**2)
+
+
+def velocity_dispersion_scatter(n_mem):
+    """Scatter [dex] of a mass from the velocity dispersion alone: ``3 / (sqrt(2 N) ln 10)``."""
+    return 3.0 / (np.sqrt(2.0 * np.asarray(n_mem, float)) * np.log(10.0))
+
+
+def fit_richness_scatter(resid, n_mem, method: str = "ml", n_bins: int = 8) -> dict:
+    """Fit eq. (7) to residuals.
+
+    Parameters
+    ----------
+    resid : array_like
+        Residuals about the mean relation [dex] (assumed zero-mean).
+    n_mem : array_like
+        Number of true members of each cluster (> 0).
+    method : {"ml", "binned"}
+        ``ml``: Gaussian maximum likelihood over clusters, errors from the Fisher matrix.
+        ``binned``: variances in ``n_bins`` equal-count bins of N_mem fitted with
+        ``scipy.optimize.curve_fit`` (variance errors ``var sqrt(2/(n-1))``).
+
+    Returns
+    -------
+    dict
+        ``sigma_N, sigma_N_err, sigma_0, sigma_0_err`` [dex], ``method``, ``n``.
+    """
+    r = np.asarray(resid, float)
+    n = np.asarray(n_mem, float)
+    ok = np.isfinite(r) & np.isfinite(n) & (n > 0)
+    r, n = r[ok], n[ok]
+    nan = {"sigma_N": np.nan, "sigma_N_err": np.nan, "sigma_0": np.nan, "sigma_0_err": np.nan,
+           "method": method, "n": int(len(r))}
+    if len(r) < 10:
+        return nan
+    x = 100.0 / n
+    if method == "ml":
+        from scipy.optimize import minimize
+
+        # parameters: log sigma_N, log sigma_0 (unbounded; either may run towards zero)
+        def nll_grad(p):
+            e = np.exp(2 * np.clip(p, -30, 5))
+            s2 = e[0] * x + e[1]
+            w = 0.5 * (1.0 / s2 - r**2 / s2**2)
+            return 0.5 * np.sum(r**2 / s2 + np.log(s2)), np.array([np.sum(w * 2 * e[0] * x), np.sum(w * 2 * e[1])])
+
+        s = max(float(np.std(r)), 1e-6)
+        best = None
+        for start in ([s / 1.5, s / 1.5], [s, 1e-2 * s], [1e-2 * s, s]):
+            res = minimize(nll_grad, np.log(start), jac=True, method="BFGS")
+            if best is None or res.fun < best.fun:
+                best = res
+        best.x = np.exp(np.clip(best.x, -30, 5))
+        sN, s0 = (abs(float(v)) for v in best.x)
+        # Fisher matrix in (A, B) = (sigma_N^2, sigma_0^2): 1/2 sum g g^T / s^4, g = (x, 1)
+        s2 = sN**2 * x + s0**2
+        g = np.stack([x, np.ones_like(x)])
+        fisher = 0.5 * (g / s2**2) @ g.T
+        cov = np.linalg.pinv(fisher)
+        err_a, err_b = np.sqrt(np.maximum(np.diag(cov), 0))
+        return {
+            "sigma_N": sN, "sigma_N_err": err_a / (2 * sN) if sN > 0 else math.sqrt(err_a),
+            "sigma_0": s0, "sigma_0_err": err_b / (2 * s0) if s0 > 0 else math.sqrt(err_b),
+            "method": "ml", "n": int(len(r)),
+        }
+    if method == "binned":
+        from scipy.optimize import curve_fit
+
+        edges = np.unique(np.quantile(n, np.linspace(0, 1, n_bins + 1)))
+        idx = np.clip(np.searchsorted(edges, n, side="right") - 1, 0, len(edges) - 2)
+        xb, vb, eb = [], [], []
+        for k in range(len(edges) - 1):
+            sel = idx == k
+            if sel.sum() < 5:
+                continue
+            v = np.mean(r[sel] ** 2)
+            xb.append(np.mean(x[sel]))
+            vb.append(v)
+            eb.append(v * math.sqrt(2.0 / (sel.sum() - 1)))
+        if len(xb) < 3:
+            return nan
+        xb, vb, eb = map(np.asarray, (xb, vb, eb))
+        popt, pcov = curve_fit(lambda xx, A, B: A * xx + B, xb, vb, p0=[vb.mean() / 2 / xb.mean(), vb.mean() / 2],
+                               sigma=eb, absolute_sigma=True)
+        A, B = popt
+        eA, eB = np.sqrt(np.maximum(np.diag(pcov), 0))
+        sN, s0 = math.sqrt(max(A, 0.0)), math.sqrt(max(B, 0.0))
+        return {
+            "sigma_N": sN, "sigma_N_err": eA / (2 * sN) if sN > 0 else math.sqrt(eA),
+            "sigma_0": s0, "sigma_0_err": eB / (2 * s0) if s0 > 0 else math.sqrt(eB),
+            "method": "binned", "n": int(len(r)),
+            "bins": {"x": xb.tolist(), "var": vb.tolist(), "var_err": eb.tolist()},
+        }
+    raise ClustermassError(f"unknown richness-fit method {method!r} (use 'ml' or 'binned')")
+
+
+# ---------------------------------------------------------------------- per-model metrics
+def model_metrics(log_m_true, n_mem, summary: pd.DataFrame, posterior=None, richness_method: str = "ml") -> dict:
+    """Metrics of one model on one split (see the module docstring for the definitions).
+
+    Parameters
+    ----------
+    log_m_true : (n,) array
+        True log10 M200c [h^-1 Msun].
+    n_mem : (n,) array
+        True member counts (for eq. 7).
+    summary : DataFrame
+        Posterior summary aligned with ``log_m_true`` (``SUMMARY_COLUMNS``); rows with NaN
+        ``log_m_median`` count as failures.
+    posterior : JointKDEPosterior, optional
+        When given (and :mod:`clustermass.posterior` offers ``calibration_metrics``), the
+        coverage and its maximum deviation over all levels come from it.
+
+    Returns
+    -------
+    dict
+        ``METRIC_KEYS`` plus ``eps_median, eps_raw_mean, eps_raw_std, width_68, power_law_a,
+        power_law_b, scatter_power_law, n_failed, binned``.
+    """
+    t = np.asarray(log_m_true, float)
+    missing = [c for c in SUMMARY_COLUMNS if c not in summary.columns]
+    if missing:
+        raise ClustermassError(f"posterior summary lacks column(s) {missing}")
+    if len(summary) != len(t):
+        raise ClustermassError(f"posterior summary has {len(summary)} rows, expected {len(t)}")
+    med = summary[POINT_ESTIMATE].to_numpy(float)
+    ok = np.isfinite(med) & np.isfinite(t)
+    eps = residuals(med, t)[ok]
+    d_pred = summary["d_pred"].to_numpy(float)
+    raw = residuals(d_pred, t)[ok]
+    out: dict = {
+        "eps_mean": float(eps.mean()) if len(eps) else np.nan,
+        "eps_std": float(eps.std(ddof=1)) if len(eps) > 1 else np.nan,
+        "eps_median": float(np.median(eps)) if len(eps) else np.nan,
+        "eps_raw_mean": float(raw.mean()) if len(raw) else np.nan,
+        "eps_raw_std": float(raw.std(ddof=1)) if len(raw) > 1 else np.nan,
+        "width_68": float(np.mean(summary["log_m_hi1"].to_numpy(float)[ok] - summary["log_m_lo1"].to_numpy(float)[ok]))
+        if ok.any() else np.nan,
+    }
+    cov = coverage_from_summary(summary[ok], t[ok])
+    cov["coverage_source"] = "summary intervals (68/95 only)"
+    if posterior is not None and ok.any():
+        try:
+            from .posterior import calibration_metrics
+
+            cm = calibration_metrics(posterior, d_pred[ok], t[ok])
+            cov = {k: float(cm[k]) for k in ("coverage_68", "coverage_95", "max_coverage_deviation")}
+            cov["coverage_source"] = "posterior.calibration_metrics"
+        except Exception as exc:  # absent or different API: the PIT from posterior.cdf instead
+            log.debug("calibration_metrics unavailable (%s); using the PIT", exc)
+            try:
+                levels, curve = coverage_curve_from_pit(posterior.cdf(d_pred[ok], t[ok]), np.linspace(0.01, 0.99, 99))
+                cov["max_coverage_deviation"] = float(np.nanmax(np.abs(curve - levels)))
+                cov["coverage_source"] = "intervals; max deviation over levels 0.01-0.99 from the PIT"
+            except Exception as exc2:  # a failing diagnostic must not lose the other metrics
+                log.warning("posterior coverage diagnostics failed: %s", exc2)
+    out.update(cov)
+    pl_resid, a, b = power_law_residuals(t[ok], d_pred[ok])
+    fit = fit_richness_scatter(pl_resid, np.asarray(n_mem, float)[ok], method=richness_method)
+    out.update({k: fit[k] for k in ("sigma_N", "sigma_N_err", "sigma_0", "sigma_0_err")})
+    out.update(
+        power_law_a=a, power_law_b=b,
+        scatter_power_law=float(np.std(pl_resid[np.isfinite(pl_resid)], ddof=1))
+        if np.isfinite(pl_resid).sum() > 1 else np.nan,
+        log_m_true_std=float(np.std(t[np.isfinite(t)], ddof=1)) if np.isfinite(t).sum() > 1 else np.nan,
+        n_eval=int(ok.sum()), n_failed=int((~ok).sum()),
+        binned=binned_statistics(t[ok], eps, mass_bins(t[ok])).to_dict(orient="list"),
+    )
+    return out
+
+
+def contamination_summary(contam: pd.DataFrame, diagram_ids, eps) -> dict:
+    """Residual statistics of contaminated vs clean diagrams.
+
+    ``contam``: :func:`clustermass.contamination.contamination_table` output; ``eps`` aligned
+    with ``diagram_ids``.
+    """
+    c = contam.set_index("diagram_id").reindex(np.asarray(diagram_ids))
+    frac = c["contamination"].to_numpy(float)
+    eps = np.asarray(eps, float)
+    ok = np.isfinite(eps) & np.isfinite(frac)
+    dirty = ok & (frac > 0)
+    clean = ok & (frac == 0)
+    heavy = ok & (frac >= 1)
+
+    def _m(sel, f):
+        return float(f(eps[sel])) if sel.sum() > 1 else np.nan
+
+    out = {
+        "definition": "interloper cluster: more massive halo with R_proj < r_max and |dv_los| < v_max; "
+                      "contamination = summed mass ratio",
+        "n_diagrams": int(ok.sum()),
+        "n_contaminated": int(dirty.sum()),
+        "fraction_contaminated": float(dirty.sum() / max(ok.sum(), 1)),
+        "eps_mean_clean": _m(clean, np.mean), "eps_std_clean": _m(clean, lambda e: np.std(e, ddof=1)),
+        "eps_mean_contaminated": _m(dirty, np.mean),
+        "eps_std_contaminated": _m(dirty, lambda e: np.std(e, ddof=1)),
+        "n_ratio_ge_1": int(heavy.sum()),
+        "eps_mean_ratio_ge_1": _m(heavy, np.mean),
+        "max_contamination": float(np.nanmax(frac)) if ok.any() else np.nan,
+    }
+    if dirty.sum() > 3:
+        from scipy.stats import spearmanr
+
+        out["spearman_eps_vs_contamination"] = float(spearmanr(frac[dirty], eps[dirty]).statistic)
+    return out
+
+
+# ---------------------------------------------------------------------- orchestration
+def evaluate_predictions(
+    catalogue,
+    rows,
+    results: dict[str, pd.DataFrame],
+    out_dir=None,
+    primary: str = "cnn3d",
+    posteriors: dict | None = None,
+    contamination: pd.DataFrame | None = None,
+    figures: bool = True,
+    window=None,
+    kde=None,
+    split: str = "eval",
+    richness_method: str = "ml",
+) -> dict:
+    """Metrics (and figures) of several models' posterior summaries on the same clusters.
+
+    Parameters
+    ----------
+    catalogue : Catalogue
+        Provides ``log_m200c``, ``n_mem``, ``diagram_id`` (and galaxies for Fig. 2).
+    rows : array_like
+        Cluster rows evaluated; every summary in ``results`` is aligned with them.
+    results : dict
+        Model name -> posterior summary DataFrame (``SUMMARY_COLUMNS``).
+    out_dir : path, optional
+        Where ``metrics.json`` and ``figures/*.png`` go (nothing written if None).
+    primary : str
+        Model whose metrics go to the top level of the result.
+    posteriors : dict, optional
+        Model name -> fitted posterior (for the full coverage curve).
+    contamination : DataFrame, optional
+        Per-diagram contamination table (:mod:`clustermass.contamination`).
+    figures : bool
+        Write the figures.
+    window, kde : optional
+        ``WindowConfig``/``KDEConfig`` for the example diagram (defaults if None).
+
+    Returns
+    -------
+    dict
+        Top-level metrics of ``primary`` (``METRIC_KEYS`` ...), ``models: {name: metrics}``,
+        ``contamination: {...}``, ``sigma_v_reference_100``, definitions.
+    """
+    rows = np.asarray(rows)
+    if not results:
+        raise ClustermassError("nothing to evaluate: no model results")
+    if primary not in results:
+        raise ClustermassError(f"primary model {primary!r} not among {sorted(results)}")
+    cl = catalogue.clusters.iloc[rows]
+    t = cl["log_m200c"].to_numpy(float)
+    if not np.isfinite(t).any():
+        raise ClustermassError("the evaluated clusters have no true masses (log_m200c is NaN)")
+    n_mem = cl["n_mem"].to_numpy(float)
+    posteriors = posteriors or {}
+    models = {
+        name: model_metrics(t, n_mem, s.reset_index(drop=True), posteriors.get(name), richness_method)
+        for name, s in results.items()
+    }
+    metrics: dict = {
+        "split": split,
+        "primary": primary,
+        "point_estimate": POINT_ESTIMATE,
+        "eps_definition": EPS_DEFINITION,
+        "richness_fit": f"eq. 7 on residuals about the power law d_pred = a + b log M_true, method {richness_method}",
+        "sigma_v_reference_100": float(velocity_dispersion_scatter(100)),
+        **models[primary],
+        "models": models,
+    }
+    if contamination is not None:
+        eps = residuals(results[primary][POINT_ESTIMATE].to_numpy(float), t)
+        metrics["contamination"] = contamination_summary(contamination, cl["diagram_id"].to_numpy(), eps)
+    else:
+        metrics["contamination"] = {"available": False}
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        if figures:
+            metrics["figures"] = _make_figures(catalogue, rows, results, t, n_mem, primary, contamination,
+                                               out_dir / "figures", window, kde, posteriors, models)
+        write_json_atomic(out_dir / "metrics.json", metrics)
+    return metrics
+
+
+def _make_figures(catalogue, rows, results, t, n_mem, primary, contamination, fig_dir, window, kde, posteriors,
+                  models):
+    from .plots import evaluation as pe
+
+    made: dict[str, str] = {}
+
+    def _try(name, fn):
+        try:
+            made[name] = str(fn().relative_to(fig_dir.parent))
+        except Exception as exc:  # a failing figure must not lose the metrics
+            log.warning("figure %s failed: %s", name, exc)
+
+    _try("mass_distribution", lambda: pe.plot_mass_distribution(catalogue.clusters, fig_dir / "mass_distribution.png"))
+    example = int(rows[np.argmin(np.abs(t - np.nanmedian(t)))]) if len(rows) else 0
+    _try("example_diagram", lambda: pe.plot_example_diagram(catalogue, example, fig_dir / "example_diagram.png", window, kde))
+    s = results[primary]
+    _try("predictions", lambda: pe.plot_predictions(t, s, fig_dir / "predictions.png", label=primary))
+    eps_all = {n: residuals(r[POINT_ESTIMATE].to_numpy(float), t) for n, r in results.items()}
+    _try("method_comparison", lambda: pe.plot_method_comparison(t, eps_all, fig_dir / "method_comparison.png"))
+    rich = {}
+    for n, r in results.items():
+        pl, _, _ = power_law_residuals(t, r["d_pred"].to_numpy(float))
+        rich[n] = (n_mem, pl, models[n])  # the eq.-7 fit of the metrics
+    _try("richness", lambda: pe.plot_richness(rich, fig_dir / "richness.png"))
+    if contamination is not None:
+        c = contamination.set_index("diagram_id").reindex(catalogue.clusters["diagram_id"].to_numpy()[rows])
+        _try("contamination", lambda: pe.plot_contamination(
+            t, eps_all[primary], c["contamination"].to_numpy(float), c["d_min"].to_numpy(float),
+            fig_dir / "contamination.png", label=primary))
+    post = posteriors.get(primary)
+    if post is not None:
+        _try("coverage", lambda: pe.plot_coverage(post, s["d_pred"].to_numpy(float), t, fig_dir / "coverage.png"))
+    return made
+
+
+def _posterior_factory(bandwidth: float):
+    """A fresh JointKDEPosterior (imported lazily; tests may substitute a stand-in)."""
+    from .posterior import JointKDEPosterior
+
+    return JointKDEPosterior(bandwidth=bandwidth)
+
+
+def calibrate_and_summarize(d_test, log_m_test, d_eval, bandwidth: float = 0.20):
+    """Fit a joint-KDE posterior on (d_test, log_m_test) and summarise ``d_eval``.
+
+    Non-finite ``d`` values are left out of the fit and get all-NaN summary rows.
+
+    Returns
+    -------
+    (DataFrame, posterior)
+    """
+    d_test, log_m_test, d_eval = (np.asarray(a, float) for a in (d_test, log_m_test, d_eval))
+    ok = np.isfinite(d_test) & np.isfinite(log_m_test)
+    if ok.sum() < 10:
+        raise ClustermassError(f"only {ok.sum()} calibration pairs with finite values (need >= 10)")
+    post = _posterior_factory(bandwidth).fit(d_test[ok], log_m_test[ok])
+    fin = np.isfinite(d_eval)
+    if fin.any():
+        s = post.summarize(d_eval[fin]).reset_index(drop=True)
+        s.index = np.flatnonzero(fin)
+        summary = s.reindex(np.arange(len(d_eval)))
+    else:
+        summary = pd.DataFrame(np.nan, index=np.arange(len(d_eval)), columns=SUMMARY_COLUMNS)
+    summary["d_pred"] = d_eval
+    if "out_of_range" in summary.columns:
+        summary["out_of_range"] = summary["out_of_range"].astype(object).where(fin, False).astype(bool)
+    return summary, post
+
+
+def evaluate(
+    bundles: dict,
+    catalogue,
+    out_dir,
+    primary: str = "cnn3d",
+    baselines: bool = True,
+    split: str = "eval",
+    progress: bool = True,
+    calibration_split: str = "test",
+    calibration_bandwidth: float | None = None,
+    figures: bool = True,
+    richness_method: str = "ml",
+) -> dict:
+    """Evaluate model bundles (and the classical baselines) on one split of a catalogue.
+
+    Parameters
+    ----------
+    bundles : dict
+        Name -> ``ModelBundle`` (calibrated: ``.posterior()`` works).
+    catalogue : Catalogue
+        Holds the evaluated split and, for the baselines, the calibration split.
+    out_dir : path
+        Output directory: ``posteriors.parquet`` (primary model), ``posteriors_<name>.parquet``
+        (others), ``metrics.json``, ``figures/*.png``.
+    primary : str
+        Model reported at the top level of ``metrics.json`` (falls back to the first bundle,
+        or the first baseline, if absent).
+    baselines : bool
+        Also run the classical estimators (:mod:`clustermass.baselines`), calibrated with a
+        joint-KDE posterior on ``calibration_split``.
+    split : str
+        Split evaluated.
+    calibration_bandwidth : float, optional
+        Joint-KDE bandwidth for the baselines (default: the primary bundle's, else 0.20).
+    figures : bool
+        Write ``figures/*.png``.
+    richness_method : {"ml", "binned"}
+        How eq. 7 is fitted (:func:`fit_richness_scatter`).
+
+    Returns
+    -------
+    dict
+        The metrics written to ``metrics.json``.
+    """
+    from tqdm.auto import tqdm
+
+    from .catalog import write_parquet
+    from .contamination import catalogue_contamination
+
+    out_dir = Path(out_dir)
+    rows = catalogue.rows(split)
+    if len(rows) == 0:
+        raise ClustermassError(f"the catalogue has no clusters in split {split!r}")
+    results: dict[str, pd.DataFrame] = {}
+    posteriors: dict = {}
+    for name, bundle in tqdm(list(bundles.items()), desc="models", disable=not progress):
+        d = np.asarray(bundle.predict(catalogue, rows), dtype=float)
+        post = bundle.posterior()
+        results[name] = post.summarize(d).reset_index(drop=True)
+        posteriors[name] = post
+    ref = bundles.get(primary) or (next(iter(bundles.values())) if bundles else None)
+    if calibration_bandwidth is None:
+        cal = (getattr(ref, "meta", None) or {}).get("calibration", {}) if ref is not None else {}
+        calibration_bandwidth = float(cal.get("bandwidth", 0.20)) if isinstance(cal, dict) else 0.20
+    notes = []
+    if baselines:
+        from .baselines import BASELINES, run_baselines
+
+        cal_rows = catalogue.rows(calibration_split)
+        raw = run_baselines(catalogue, np.concatenate([cal_rows, rows]), progress=progress)
+        t_cal = catalogue.clusters["log_m200c"].to_numpy(float)[cal_rows]
+        for name, col in BASELINES.items():
+            v = raw[col].to_numpy(float)
+            try:
+                results[name], posteriors[name] = calibrate_and_summarize(
+                    v[: len(cal_rows)], t_cal, v[len(cal_rows):], calibration_bandwidth)
+            except ClustermassError as exc:
+                notes.append(f"baseline {name} skipped: {exc}")
+    if not results:
+        raise ClustermassError("nothing to evaluate: no bundles and no baselines")
+    if primary not in results:
+        new = next(iter(results))
+        notes.append(f"primary model {primary!r} absent; using {new!r}")
+        primary = new
+    window = getattr(ref, "window", None)
+    kde = getattr(ref, "kde", None)
+    contam = catalogue_contamination(
+        catalogue, rows, getattr(window, "r_max", None), getattr(window, "v_max", None))
+    ids = catalogue.clusters["diagram_id"].to_numpy()[rows]
+    t = catalogue.clusters["log_m200c"].to_numpy(float)[rows]
+    for name, s in results.items():
+        table = pd.concat([pd.DataFrame({"diagram_id": ids}), s.reset_index(drop=True)], axis=1)
+        table["log_m_true"] = t
+        if "out_of_range" in table.columns:
+            table["out_of_range"] = table["out_of_range"].astype(bool)
+        fname = "posteriors.parquet" if name == primary else f"posteriors_{name}.parquet"
+        write_parquet(table, out_dir / fname, {"model": name, "split": split})
+    if contam is not None:
+        write_parquet(contam, out_dir / "contamination.parquet", {"split": split})
+    metrics = evaluate_predictions(
+        catalogue, rows, results, out_dir=None, primary=primary, posteriors=posteriors,
+        contamination=contam, figures=False, split=split, richness_method=richness_method,
+    )
+    metrics["notes"] = notes
+    if figures:
+        metrics["figures"] = _make_figures(
+            catalogue, rows, results, t, catalogue.clusters["n_mem"].to_numpy(float)[rows], primary,
+            contam, out_dir / "figures", window, kde, posteriors, metrics["models"])
+    write_json_atomic(out_dir / "metrics.json", metrics)
+    return metrics

@@ -1,0 +1,1 @@
+"""Figures, one module per area (matplotlib Agg, saved with clustermass._io.save_figure)."""

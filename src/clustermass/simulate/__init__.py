@@ -1,0 +1,16 @@
+"""Mock SDSS-like projected phase-space catalogues and real simulation boxes (docs/simulator.md).
+
+Public API: :func:`simulate_catalogue`, :func:`summarize_catalogue`, :func:`populate_halos`,
+and :mod:`clustermass.simulate.box` (periodic boxes, the authors' public mock format).
+"""
+
+from .galaxies import populate_halos
+from .mock import iter_chunks, simulate_catalogue, simulate_chunk, summarize_catalogue
+
+__all__ = [
+    "iter_chunks",
+    "populate_halos",
+    "simulate_catalogue",
+    "simulate_chunk",
+    "summarize_catalogue",
+]

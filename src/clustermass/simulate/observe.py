@@ -1,0 +1,103 @@
+"""Observation: sight-line frames, projection, Hubble flow, flux limit and the window.
+
+Shared by the mock (:mod:`.mock`) and real simulation boxes (:mod:`.box`), so both go through
+exactly the same cuts. Plane-parallel projection about the cluster centre (the window spans at
+most ~2 deg at the nearest observer distance). Units: h^-1 Mpc proper, km/s, mag.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+
+from .. import cosmology
+from ..config import WindowConfig
+
+#: extra line-of-sight velocity [km/s] beyond the window that peculiar velocities can bring in
+VELOCITY_MARGIN = 1200.0
+
+
+def to_sightline_frame(vec: np.ndarray, basis: np.ndarray) -> np.ndarray:
+    """Rotate (N, 3) vectors into frames (N, 3, 3) with rows (e_x, e_y, e_los)."""
+    return np.einsum("nij,nj->ni", basis, vec)
+
+
+def observer_distance(n: int, d_min: float, d_max: float, rng: np.random.Generator) -> np.ndarray:
+    """Comoving observer distances [h^-1 Mpc] uniform in a 3D ball (shell d_min..d_max)."""
+    u = rng.random(n)
+    return (d_min**3 + u * (d_max**3 - d_min**3)) ** (1.0 / 3.0)
+
+
+@lru_cache(maxsize=2)
+def _z_of_chi(cosmo: str = cosmology.SIMULATION_COSMOLOGY):
+    z = np.linspace(0.0, 0.25, 251)
+    return cosmology.comoving_distance(z, cosmo), z
+
+
+def redshift_from_comoving(chi) -> np.ndarray:
+    """Cosmological redshift at comoving distance chi [h^-1 Mpc] (table to z = 0.25, then colossus)."""
+    chi = np.asarray(chi, dtype=float)
+    tab_chi, tab_z = _z_of_chi()
+    if np.any(chi > tab_chi[-1]):
+        return cosmology.redshift_from_comoving(chi)
+    return np.interp(chi, tab_chi, tab_z)
+
+
+def distance_modulus(chi) -> np.ndarray:
+    """m - (M - 5 log10 h) at comoving distance chi [h^-1 Mpc] (luminosity distance, no K-correction)."""
+    chi = np.maximum(np.asarray(chi, dtype=float), 1e-3)
+    z = redshift_from_comoving(chi)
+    dl = chi * (1 + z)  # flat cosmology: D_L = (1+z) chi
+    return 25.0 + 5.0 * np.log10(dl)
+
+
+def abs_mag_limit(mag_limit: float, chi) -> np.ndarray:
+    """Faintest absolute magnitude M_r - 5 log10 h visible at comoving distance chi."""
+    return mag_limit - distance_modulus(chi)
+
+
+def los_depth(z, window: WindowConfig) -> np.ndarray:
+    """Half-length [h^-1 Mpc, proper] of the cylinder whose galaxies can enter the window."""
+    return (window.v_max + VELOCITY_MARGIN) / cosmology.hubble(z)
+
+
+def observe(
+    pos: np.ndarray,
+    vel: np.ndarray,
+    abs_mag: np.ndarray,
+    diagram: np.ndarray,
+    redshift: np.ndarray,
+    chi: np.ndarray,
+    window: WindowConfig,
+    mag_limit: float,
+) -> dict[str, np.ndarray]:
+    """Project galaxies and apply the flux limit and the window.
+
+    Parameters
+    ----------
+    pos, vel : (N, 3) position [h^-1 Mpc, proper] and peculiar velocity [km/s] relative to the
+        cluster centre and its central galaxy, already in the sight-line frame (z = away from
+        the observer).
+    abs_mag : (N,) absolute magnitudes M_r - 5 log10 h.
+    diagram : (N,) row of the diagram each galaxy is seen in (indexes ``redshift``, ``chi``).
+    redshift, chi : per diagram cluster redshift and comoving observer distance [h^-1 Mpc].
+
+    Returns
+    -------
+    dict with ``x_proj, y_proj, v_los`` (v_los = v_pec,los + H(z) dr_los), ``mag_r`` (apparent)
+    and ``keep`` (inside the window and brighter than ``mag_limit``).
+    """
+    z = redshift[diagram]
+    x, y = pos[:, 0], pos[:, 1]
+    v = vel[:, 2] + cosmology.hubble(z) * pos[:, 2]
+    chi_gal = chi[diagram] + pos[:, 2] * (1 + z)
+    mag = abs_mag + distance_modulus(chi_gal)
+    keep = (
+        (np.abs(x) <= window.r_max)
+        & (np.abs(y) <= window.r_max)
+        & (np.abs(v) <= window.v_max)
+        & (mag <= mag_limit)
+        & (chi_gal > 0)
+    )
+    return {"x_proj": x, "y_proj": y, "v_los": v, "mag_r": mag, "keep": keep}

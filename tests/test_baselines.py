@@ -1,0 +1,137 @@
+"""Classical estimators against hand-computed cases."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from clustermass import cosmology
+from clustermass.baselines import (
+    biweight_sigma,
+    evrard_log_m,
+    evrard_sigma,
+    projected_virial_radius,
+    run_baselines,
+    shifting_gapper,
+    velocity_dispersion_mass,
+    virial_log_m,
+    virial_mass,
+)
+from clustermass.catalog import Catalogue
+
+S = 400.0  # +-S stays within one 1000 km/s gap
+HEX = np.array([[math.cos(k * math.pi / 3), math.sin(k * math.pi / 3)] for k in range(6)])
+# biweight scale (c = 9, about location 0) of +-S: MAD = S, u^2 = 1/81 for every point,
+# scale = S (1 - u^2) / (1 - 5 u^2) = S * 80 / 76
+SIGMA_HAND = S * 80.0 / 76.0
+# regular hexagon of radius 1: 6 pairs at 1, 6 at sqrt(3), 3 at 2
+RPV_HAND = 6 * 5 / (6 + 6 / math.sqrt(3) + 3 / 2)
+
+
+def _hexagon_points():
+    v = np.array([-S, S] * 3)
+    return np.column_stack([HEX, v])
+
+
+def test_biweight_hand():
+    assert biweight_sigma(np.array([-S, S] * 3)) == pytest.approx(SIGMA_HAND, rel=1e-12)
+
+
+def test_evrard_hand_and_roundtrip():
+    assert evrard_log_m(1082.9, 0.0) == pytest.approx(15.0, abs=1e-12)
+    assert evrard_log_m(1082.9 * 2**0.3361, 0.0) == pytest.approx(15 + math.log10(2), abs=1e-12)
+    # h(z) M[Msun] = E(z) M[h^-1 Msun]: at z = 0.05 the same sigma means a mass lower by log10 E(z)
+    ez = cosmology.hubble(0.05) / 100
+    assert evrard_log_m(1082.9, 0.05) == pytest.approx(15 - math.log10(ez), abs=1e-12)
+    lm = np.array([13.8, 14.4, 15.1])
+    np.testing.assert_allclose(evrard_log_m(evrard_sigma(lm, 0.03), 0.03), lm, atol=1e-12)
+
+
+def test_projected_virial_radius_hand():
+    assert projected_virial_radius(HEX[:, 0], HEX[:, 1]) == pytest.approx(RPV_HAND, rel=1e-12)
+    assert projected_virial_radius([0, 3], [0, 4]) == pytest.approx(2 * 5.0)  # N(N-1)/(1/5)
+    assert math.isnan(projected_virial_radius([0.0], [0.0]))
+    assert projected_virial_radius([0, 0, 3], [0, 0, 4]) == pytest.approx(6 / (2 / 5.0))  # coincident pair skipped
+
+
+def test_virial_and_sigma_estimators_hand():
+    pts = _hexagon_points()
+    est = virial_mass(pts)
+    g = cosmology.G_KMS2_MPC_MSUN
+    hand = math.log10(3 * math.pi * SIGMA_HAND**2 * RPV_HAND / (2 * g))
+    assert est.reason == ""
+    assert est.n_used == 6
+    assert est.log_m == pytest.approx(hand, abs=1e-10)
+    assert virial_log_m(SIGMA_HAND, RPV_HAND) == pytest.approx(hand, abs=1e-12)
+    est = velocity_dispersion_mass(pts, redshift=0.0)
+    assert est.sigma_v == pytest.approx(SIGMA_HAND, rel=1e-12)
+    assert est.log_m == pytest.approx(15 + math.log10(SIGMA_HAND / 1082.9) / 0.3361, abs=1e-10)
+
+
+def test_gapper_removes_separated_group():
+    rng = np.random.default_rng(0)
+    v_mem = np.linspace(-900, 900, 30)
+    v = np.concatenate([v_mem, [900 + 999.0], [900 + 999 + 1001.0], [-900 - 1001.0], 3000 + 50 * np.arange(5)])
+    r = rng.uniform(0, 0.3, len(v))
+    keep = shifting_gapper(r, v)
+    # the galaxy 999 km/s beyond the last member chains on; everything past a >1000 km/s gap goes
+    assert keep[:31].all()
+    assert not keep[31:].any()
+
+
+def test_gapper_works_per_radial_bin():
+    rng = np.random.default_rng(1)
+    # inner bin: velocities spread over +-1500 km/s in steps < 1000 (all kept)
+    v_in = np.linspace(-1500, 1500, 20)
+    r_in = rng.uniform(0, 0.35, 20)
+    # outer bin: a cold group and one galaxy 1100 km/s away from it (removed there only)
+    v_out = np.concatenate([np.linspace(-400, 500, 20), [1600.0]])
+    r_out = rng.uniform(1.0, 1.3, 21)
+    keep = shifting_gapper(np.concatenate([r_in, r_out]), np.concatenate([v_in, v_out]))
+    assert keep[:20].all()
+    assert keep[20:40].all()
+    assert not keep[40]
+    # with one global bin the 1600 km/s galaxy would chain onto the inner +1500 one
+    assert shifting_gapper(np.concatenate([r_in, r_out]), np.concatenate([v_in, v_out]), bin_width=5.0).all()
+
+
+def test_too_few_galaxies_gives_nan_with_reason():
+    est = velocity_dispersion_mass(np.zeros((3, 3)), 0.05)
+    assert math.isnan(est.log_m) and "too few" in est.reason
+    pts = np.column_stack([np.linspace(0.1, 0.5, 6), np.zeros(6), [0, 10, 20, 5000, 6200, 7400]])
+    est = virial_mass(pts)  # the gapper leaves 3 galaxies
+    assert math.isnan(est.log_m) and "after the gapper" in est.reason
+
+
+def test_sigma_mass_recovers_evrard_input():
+    rng = np.random.default_rng(2)
+    lm, z = 14.5, 0.04
+    n = 3000
+    v = rng.normal(0, evrard_sigma(lm, z), n)
+    pts = np.column_stack([rng.uniform(-1, 1, n), rng.uniform(-1, 1, n), v])
+    est = velocity_dispersion_mass(pts, z)
+    assert est.log_m == pytest.approx(lm, abs=0.06)  # sigma error ~1.3% -> 0.017 dex
+
+
+def test_run_baselines_on_catalogue():
+    rng = np.random.default_rng(3)
+    gals, clusters = [], []
+    for i, (lm, n) in enumerate([(14.2, 40), (14.8, 80), (14.0, 3)]):
+        v = rng.normal(0, evrard_sigma(lm, 0.05), n)
+        gals.append(pd.DataFrame({"diagram_id": i, "x_proj": rng.uniform(-1, 1, n),
+                                  "y_proj": rng.uniform(-1, 1, n), "v_los": v}))
+        clusters.append(dict(diagram_id=i, halo_id=i, split="eval", log_m200c=lm, r200c=1.0, v200c=1000.0,
+                             redshift=0.05, n_gal=n, n_mem=n))
+    cat = Catalogue(pd.DataFrame(clusters), pd.concat(gals, ignore_index=True))
+    out = run_baselines(cat, progress=False)
+    assert list(out["diagram_id"]) == [0, 1, 2]
+    assert np.isfinite(out[["log_m_sigma", "log_m_virial"]].to_numpy()[:2]).all()
+    assert np.isnan(out.loc[2, "log_m_sigma"]) and "too few" in out.loc[2, "reason"]
+    for i in range(2):
+        pts = cat.points(i)
+        assert out.loc[i, "log_m_sigma"] == pytest.approx(velocity_dispersion_mass(pts, 0.05).log_m, abs=1e-12)
+        assert out.loc[i, "log_m_virial"] == pytest.approx(virial_mass(pts).log_m, abs=1e-12)
+    assert out.loc[1, "log_m_sigma"] > out.loc[0, "log_m_sigma"]

@@ -1,0 +1,265 @@
+"""Evaluation on synthetic predictions with known scatter, and the evaluate() orchestration."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy.stats import norm
+
+from clustermass import evaluation as ev
+from clustermass.baselines import evrard_sigma
+from clustermass.catalog import Catalogue
+from clustermass.errors import ClustermassError
+
+SN, S0 = 0.04, 0.08
+
+
+def _richness_sample(n, seed, sn=SN, s0=S0):
+    rng = np.random.default_rng(seed)
+    n_mem = np.round(10 ** rng.uniform(1.0, 2.6, n))  # 10 .. 400 members
+    resid = rng.normal(0, np.sqrt(sn**2 * 100 / n_mem + s0**2))
+    return resid, n_mem
+
+
+@pytest.mark.parametrize("method", ["ml", "binned"])
+def test_richness_fit_recovers_sigma_n_and_sigma_0(method):
+    resid, n_mem = _richness_sample(6000, 0)
+    fit = ev.fit_richness_scatter(resid, n_mem, method=method)
+    for key, true in (("sigma_N", SN), ("sigma_0", S0)):
+        assert 0 < fit[f"{key}_err"] < 0.006
+        assert abs(fit[key] - true) < 4 * fit[f"{key}_err"], (key, fit)
+
+
+def test_richness_fit_errors_are_calibrated():
+    # the spread of the ML estimates over repeated samples matches the Fisher error
+    fits = [ev.fit_richness_scatter(*_richness_sample(1500, s)) for s in range(30)]
+    sn = np.array([f["sigma_N"] for f in fits])
+    err = np.median([f["sigma_N_err"] for f in fits])
+    assert abs(sn.mean() - SN) < 2 * err / np.sqrt(len(fits)) * 3
+    assert 0.6 < sn.std(ddof=1) / err < 1.5
+
+
+def test_richness_fit_distinguishes_pure_richness_scatter():
+    resid, n_mem = _richness_sample(6000, 1, sn=0.09, s0=0.0)
+    fit = ev.fit_richness_scatter(resid, n_mem)
+    assert fit["sigma_N"] == pytest.approx(0.09, abs=0.006)
+    assert fit["sigma_0"] < 0.02
+    with pytest.raises(ClustermassError):
+        ev.fit_richness_scatter(resid, n_mem, method="nope")
+
+
+def test_velocity_dispersion_reference():
+    assert ev.velocity_dispersion_scatter(100) == pytest.approx(3 / (np.sqrt(200) * np.log(10)))
+    assert ev.velocity_dispersion_scatter(100) == pytest.approx(0.092, abs=0.001)  # paper: 0.09 dex
+
+
+def test_power_law_residuals_in_true_mass_dex():
+    rng = np.random.default_rng(2)
+    t = rng.uniform(13.7, 15.2, 4000)
+    noise = rng.normal(0, 0.1, t.size)
+    pred = 1.5 + 0.9 * t + 0.9 * noise
+    r, a, b = ev.power_law_residuals(t, pred)
+    assert (a, b) == pytest.approx((1.5, 0.9), abs=0.05)
+    assert np.std(r) == pytest.approx(0.1, rel=0.05)
+
+
+def _gaussian_summary(mu, sigma, d_pred=None):
+    mu = np.asarray(mu, float)
+    sigma = np.broadcast_to(np.asarray(sigma, float), mu.shape)
+    return pd.DataFrame(
+        {
+            "d_pred": mu if d_pred is None else d_pred, "log_m_map": mu, "log_m_median": mu, "log_m_mean": mu,
+            "log_m_lo1": mu - sigma, "log_m_hi1": mu + sigma,
+            "log_m_lo2": mu - 2 * sigma, "log_m_hi2": mu + 2 * sigma, "out_of_range": False,
+        }
+    )
+
+
+def test_model_metrics_sign_coverage_and_scatter():
+    rng = np.random.default_rng(3)
+    t = rng.uniform(13.7, 15.2, 5000)
+    resid, n_mem = _richness_sample(5000, 4)
+    pred = t + resid
+    s = np.sqrt(SN**2 * 100 / n_mem + S0**2)
+    biased = ev.model_metrics(t, n_mem, _gaussian_summary(pred + 0.05, s))  # over-prediction
+    assert biased["eps_mean"] == pytest.approx(0.05 + resid.mean(), abs=1e-9)  # eps = pred - true
+    assert biased["coverage_68"] < 0.66
+    m = ev.model_metrics(t, n_mem, _gaussian_summary(pred, s))
+    assert m["eps_std"] == pytest.approx(np.std(resid), rel=0.02)
+    assert m["coverage_68"] == pytest.approx(0.6827, abs=0.02)
+    assert m["coverage_95"] == pytest.approx(0.9545, abs=0.01)
+    assert m["max_coverage_deviation"] < 0.02
+    assert m["sigma_N"] == pytest.approx(SN, abs=0.01) and m["sigma_0"] == pytest.approx(S0, abs=0.01)
+    assert m["n_eval"] == 5000 and m["n_failed"] == 0
+    # over-confident posteriors (half width) cover much less
+    m2 = ev.model_metrics(t, n_mem, _gaussian_summary(pred, s / 2))
+    assert m2["coverage_68"] == pytest.approx(2 * norm.cdf(0.5) - 1, abs=0.02)
+    assert m2["max_coverage_deviation"] > 0.25
+
+
+def test_coverage_curve_from_pit():
+    pit = np.random.default_rng(6).uniform(0, 1, 20000)
+    levels, cover = ev.coverage_curve_from_pit(pit)
+    assert np.max(np.abs(cover - levels)) < 0.015
+    # posteriors much wider than the truth scatter: PIT piles up at 1/2, over-coverage
+    _, cover = ev.coverage_curve_from_pit(np.full(100, 0.5), [0.1, 0.5])
+    assert cover.tolist() == [1.0, 1.0]
+
+
+def test_binned_statistics():
+    x = np.repeat([0.05, 0.15], 1000)
+    y = np.concatenate([np.zeros(1000), np.linspace(-1, 1, 1000)])
+    st = ev.binned_statistics(x, y, [0, 0.1, 0.2])
+    assert st["n"].tolist() == [1000, 1000]
+    assert st.loc[0, "std"] == 0 and st.loc[1, "mean"] == pytest.approx(0)
+    assert st.loc[1, "q84"] == pytest.approx(norm.cdf(1) * 2 - 1, abs=0.01)
+
+
+# ---------------------------------------------------------------------- fake catalogue + bundles
+def make_catalogue(n_test=200, n_eval=150, seed=0, halos=True) -> Catalogue:
+    """Clusters with Gaussian member velocities (Evrard sigma) + uniform interlopers."""
+    rng = np.random.default_rng(seed)
+    n = n_test + n_eval
+    lm = rng.uniform(13.7, 15.1, n)
+    n_mem = np.round(8 * 10 ** (0.9 * (lm - 13.7))).astype(int) + 5
+    clusters = pd.DataFrame(
+        dict(diagram_id=np.arange(n) + 100, halo_id=np.arange(n), split=["test"] * n_test + ["eval"] * n_eval,
+             log_m200c=lm, r200c=1.0, v200c=800.0, redshift=0.04, n_mem=n_mem)
+    )
+    gals = []
+    for i in range(n):
+        k = rng.poisson(5)
+        v = np.concatenate([rng.normal(0, evrard_sigma(lm[i], 0.04), n_mem[i]), rng.uniform(-2200, 2200, k)])
+        r = 0.8 * np.sqrt(rng.uniform(0, 1, n_mem[i] + k))
+        phi = rng.uniform(0, 2 * np.pi, n_mem[i] + k)
+        gals.append(pd.DataFrame(dict(diagram_id=i + 100, x_proj=r * np.cos(phi), y_proj=r * np.sin(phi),
+                                      v_los=v, is_member=np.arange(n_mem[i] + k) < n_mem[i])))
+    gal = pd.concat(gals, ignore_index=True)
+    clusters["n_gal"] = gal.groupby("diagram_id").size().to_numpy()
+    hal = None
+    if halos:
+        sel = rng.choice(n, n // 4, replace=False)
+        hal = pd.DataFrame(dict(diagram_id=sel + 100, halo_id=10_000 + sel, log_m200c=lm[sel] + rng.uniform(-0.3, 1, sel.size),
+                                x_proj=rng.uniform(-1.5, 1.5, sel.size), y_proj=rng.uniform(-1.5, 1.5, sel.size),
+                                v_los=rng.uniform(-2500, 2500, sel.size)))
+    return Catalogue(clusters, gal, hal)
+
+
+class GaussianPosterior:
+    """Stand-in for JointKDEPosterior: linear-Gaussian calibration t = a + b d + N(0, s)."""
+
+    def __init__(self, bandwidth=0.2):
+        self.bandwidth = bandwidth
+
+    def fit(self, d_pred, log_m_true):
+        d, t = np.asarray(d_pred, float), np.asarray(log_m_true, float)
+        self.b_, self.a_ = np.polyfit(d, t, 1)
+        self.s_ = float(np.std(t - self.a_ - self.b_ * d))
+        return self
+
+    def summarize(self, d_obs):
+        d = np.asarray(d_obs, float)
+        return _gaussian_summary(self.a_ + self.b_ * d, self.s_, d_pred=d)
+
+    def cdf(self, d_obs, log_m):
+        return norm.cdf((np.asarray(log_m) - self.a_ - self.b_ * np.asarray(d_obs)) / self.s_)
+
+
+class FakeBundle:
+    """predict = truth + N(0, noise) (seeded); posterior calibrated on the test split."""
+
+    def __init__(self, kind, noise, cat, seed):
+        self.kind, self.noise, self.seed, self.meta = kind, noise, seed, {"calibration": {"bandwidth": 0.2}}
+        rows = cat.rows("test")
+        self._post = GaussianPosterior().fit(self.predict(cat, rows), cat.clusters["log_m200c"].to_numpy()[rows])
+
+    def predict(self, catalogue, rows=None):
+        rows = catalogue.rows() if rows is None else np.asarray(rows)
+        t = catalogue.clusters["log_m200c"].to_numpy()[rows]
+        rng = np.random.default_rng(self.seed + int(rows[0]))
+        return t + rng.normal(0, self.noise, len(rows))
+
+    def posterior(self):
+        return self._post
+
+
+def test_evaluate_predictions_writes_metrics_and_figures(tmp_path):
+    cat = make_catalogue()
+    rows = cat.rows("eval")
+    t = cat.clusters["log_m200c"].to_numpy()[rows]
+    rng = np.random.default_rng(5)
+    results = {"cnn3d": _gaussian_summary(t + 0.1 + rng.normal(0, 0.1, t.size), 0.1),
+               "cnn1d": _gaussian_summary(t + rng.normal(0, 0.2, t.size), 0.2)}
+    from clustermass.contamination import catalogue_contamination
+
+    contam = catalogue_contamination(cat, rows)
+    m = ev.evaluate_predictions(cat, rows, results, tmp_path, primary="cnn3d", contamination=contam)
+    on_disk = json.loads((tmp_path / "metrics.json").read_text())
+    for key in ev.METRIC_KEYS:
+        assert key in on_disk and key in on_disk["models"]["cnn1d"], key
+    assert m["eps_mean"] == pytest.approx(0.1, abs=0.03)
+    assert m["eps_mean"] == m["models"]["cnn3d"]["eps_mean"]
+    assert m["models"]["cnn1d"]["eps_std"] > m["eps_std"]
+    assert m["n_eval"] == len(rows)
+    assert m["log_m_true_std"] == pytest.approx(np.std(t, ddof=1))
+    assert m["contamination"]["n_diagrams"] == len(rows)
+    assert 0 < m["contamination"]["n_contaminated"] < len(rows)
+    for name in ("mass_distribution", "predictions", "method_comparison", "richness", "contamination",
+                 "example_diagram"):
+        assert (tmp_path / "figures" / f"{name}.png").stat().st_size > 1000, name
+    with pytest.raises(ClustermassError):
+        ev.evaluate_predictions(cat, rows, results, None, primary="cnn2d")
+
+
+def test_evaluate_with_bundles_and_baselines(tmp_path, monkeypatch):
+    monkeypatch.setattr(ev, "_posterior_factory", lambda bw: GaussianPosterior(bw))
+    cat = make_catalogue(seed=1)
+    bundles = {"cnn3d": FakeBundle("cnn3d", 0.08, cat, 1), "cnn1d": FakeBundle("cnn1d", 0.2, cat, 2)}
+    m = ev.evaluate(bundles, cat, tmp_path, primary="cnn3d", progress=False)
+    assert set(m["models"]) == {"cnn3d", "cnn1d", "sigma_evrard", "virial"}
+    post = pd.read_parquet(tmp_path / "posteriors.parquet")
+    assert len(post) == len(cat.rows("eval"))
+    for col in ["diagram_id", "log_m_true", *ev.SUMMARY_COLUMNS]:
+        assert col in post.columns
+    assert post["diagram_id"].tolist() == cat.clusters["diagram_id"].to_numpy()[cat.rows("eval")].tolist()
+    for name in ("cnn1d", "sigma_evrard", "virial"):
+        assert (tmp_path / f"posteriors_{name}.parquet").is_file()
+    assert (tmp_path / "contamination.parquet").is_file()
+    assert (tmp_path / "figures" / "coverage.png").is_file()
+    # ranking: 3D better than 1D; the sigma-based baseline recovers mass (~0.1-0.2 dex here)
+    assert m["models"]["cnn3d"]["eps_std"] < m["models"]["cnn1d"]["eps_std"]
+    assert m["models"]["sigma_evrard"]["eps_std"] < 0.3
+    assert m["eps_std"] == pytest.approx(0.08, rel=0.25)
+    # the full coverage curve comes from the posterior's CDF (PIT) when it has one
+    assert "PIT" in m["coverage_source"] and m["max_coverage_deviation"] < 0.15
+    assert json.loads((tmp_path / "metrics.json").read_text())["primary"] == "cnn3d"
+
+
+def test_evaluate_with_real_joint_kde_posterior(tmp_path):
+    pytest.importorskip("clustermass.posterior")
+    cat = make_catalogue(n_test=300, n_eval=100, seed=2, halos=False)
+    m = ev.evaluate({}, cat, tmp_path, primary="cnn3d", progress=False, figures=False)
+    assert m["primary"] == "sigma_evrard"  # falls back to the first available method
+    assert "primary model 'cnn3d' absent" in m["notes"][0]
+    assert m["contamination"] == {"available": False}
+    assert 0.4 < m["coverage_68"] < 0.95
+
+
+def test_calibrate_and_summarize_keeps_failed_rows(monkeypatch):
+    monkeypatch.setattr(ev, "_posterior_factory", lambda bw: GaussianPosterior(bw))
+    rng = np.random.default_rng(7)
+    t = rng.uniform(13.7, 15, 200)
+    d = 0.5 * t + 7 + rng.normal(0, 0.05, 200)
+    d[:3] = np.nan  # failed estimates are left out of the calibration
+    d_eval = np.array([14.0, np.nan, 14.5])
+    summary, post = ev.calibrate_and_summarize(d, t, d_eval)
+    assert len(summary) == 3 and np.isnan(summary.loc[1, "log_m_median"])
+    assert summary["d_pred"].iloc[[0, 2]].tolist() == [14.0, 14.5] and not summary["out_of_range"].any()
+    assert summary.loc[2, "log_m_median"] == pytest.approx((14.5 - 7) / 0.5, abs=0.05)
+    m = ev.model_metrics([14.0, 14.2, 15.0], [50, 50, 50], summary)
+    assert m["n_eval"] == 2 and m["n_failed"] == 1
+    with pytest.raises(ClustermassError):
+        ev.calibrate_and_summarize(np.full(20, np.nan), t[:20], d_eval)
