@@ -173,6 +173,14 @@ def test_batch_equals_single_and_torch_equals_numpy():
         assert rel_err(t, gaussian_kde_grid(p, lo, -lo, 30)) < 2e-6
 
 
+def test_torch_routes_correlated_data():
+    # float32 needs many tiles here: routed to float64 on the device, or to numpy
+    pts = [sample(3, 200, 0.995, seed=3), sample(3, 200, 0.6, seed=4), sample(3, 30, 0.0, seed=5)]
+    t32 = gaussian_kde_grid_torch(pts, LO3, -LO3, 24, device="cpu", dtype=torch.float32)
+    for b, p in enumerate(pts):
+        assert rel_err(t32[b].numpy(), scipy_grid(p, LO3, -LO3, 24)) < 1e-5
+
+
 def test_diagram_kinds():
     window, kde = WindowConfig(), KDEConfig(n_grid=24)
     p = sample(3, 80, 0.0, seed=11)
@@ -226,8 +234,24 @@ def test_dataset_items_and_collate():
     assert not ds[5][0].any()  # empty diagram -> zeros
     xb, yb = next(iter(torch.utils.data.DataLoader(ds, batch_size=4)))
     assert xb.shape == (4, 1, 12, 12, 12) and yb.shape == (4,)
+    xt, yt = ds.batch([0, 1, 4], device="cpu")  # the batched torch path gives the same items
+    assert xt.shape == (3, 1, 12, 12, 12) and xt.dtype == torch.float32
+    for j, i in enumerate([0, 1, 4]):
+        assert rel_err(xt[j].numpy(), ds[i][0].numpy()) < 2e-6 and float(yt[j]) == float(ds[i][1])
     ds2 = PhaseSpaceDataset(cat, [2, 0], "cnn2d", window, kde)
     assert ds2[0][0].shape == (1, 12, 12) and float(ds2[1][1]) == pytest.approx(cat.clusters["log_m200c"][0])
+
+
+def test_dataloader_workers_and_cache(tmp_path):
+    cat = make_catalogue()
+    kde, window = KDEConfig(n_grid=8), WindowConfig()
+    ds = PhaseSpaceDataset(cat, [0, 1, 2, 3], "cnn1d", window, kde, cache_dir=tmp_path)
+    loader = torch.utils.data.DataLoader(ds, batch_size=2, num_workers=2)
+    xs = torch.cat([x for x, _ in loader])
+    assert xs.shape == (4, 1, 8)
+    plain = PhaseSpaceDataset(cat, [0, 1, 2, 3], "cnn1d", window, kde)
+    assert torch.equal(xs, torch.stack([plain[i][0] for i in range(4)]))
+    assert all(ds._open_cache() is None and ds._filled[i] for i in range(4))  # filled by workers
 
 
 def test_augmentation_deterministic_and_mass_preserving():

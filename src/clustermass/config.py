@@ -125,9 +125,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "training": {"lr": 5e-5, "patience": 10},
     },
     "quick": {
-        "simulation": {"n_train": 3000, "n_test": 2000, "n_eval": 1000, "max_sightlines": 10},
+        "simulation": {"n_train": 4000, "n_test": 3000, "n_eval": 1500, "max_sightlines": 10},
         "kde": {"n_grid": 32},
-        "training": {"lr": 1e-3, "max_epochs": 8, "patience": 3, "batch_size": 50},
+        "training": {"lr": 1e-3, "max_epochs": 20, "patience": 4, "batch_size": 50},
     },
     # for smoke tests only: seconds, not science
     "tiny": {

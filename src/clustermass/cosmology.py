@@ -82,9 +82,14 @@ def luminosity_distance(z, cosmo: str = SIMULATION_COSMOLOGY):
 
 
 @lru_cache(maxsize=8)
-def _z_of_chi_table(cosmo: str, chi_max: float = 2000.0):
-    z = np.linspace(0.0, 1.0, 4001)
-    return use(cosmo).comovingDistance(z_max=z), z
+def _z_of_chi_table(cosmo: str):
+    # chi(z) = (c / 100 km/s/Mpc) * int_0^z dz'/E(z') [h^-1 Mpc], trapezoid on a fine grid
+    # (colossus integrates point by point, seconds for thousands of points).
+    from scipy.integrate import cumulative_trapezoid
+
+    z = np.linspace(0.0, 1.0, 20001)
+    chi = C_KMS / 100.0 * cumulative_trapezoid(1.0 / use(cosmo).Ez(z), z, initial=0.0)
+    return chi, z
 
 
 def redshift_from_comoving(chi, cosmo: str = SIMULATION_COSMOLOGY):

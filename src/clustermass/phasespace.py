@@ -6,22 +6,25 @@ evaluated on a regular grid, normalised to sum 1. The kernel covariance is
 
 Algorithm (exact, not binned)
 -----------------------------
-With ``P`` the kernel precision, a grid point ``g`` and a tile centre ``c``, each kernel is
+With ``P`` the kernel precision, a grid point ``g`` and a tile centre ``c``, each galaxy's kernel
+is
 
-    exp(-1/2 (g-p)^T P (g-p)) = exp(-1/2 |g-c|_P^2) * exp(t_p(g)),
-    t_p(g) = -1/2 |p-c|_P^2 + sum_j (g_j - c_j) (P (p-c))_j ,
+    exp(-1/2 (g-p)^T P (g-p)) = exp(-C(g-c)) * prod_j F_pj(g_j),
 
-and ``exp(t_p(g))`` factorises over the grid axes. The sum over galaxies is therefore one
-matrix product (axis 0 x galaxies) @ (galaxies x axes 1..d-1), times one Gaussian envelope,
-which BLAS / cuBLAS evaluates at full speed; every term is a product of exponentials, so the
-result has full relative precision (no cancellation). To keep every exponential inside the
-floating-point range, the grid is cut into tiles whose whitened radius ``rho`` obeys
-``rho^2 / 2 <= T_MAX`` (600 in float64, 40 in float32); the per-axis factors are balanced so
-none exceeds ``exp(T_MAX / d)``. Galaxies farther than ``rho + r`` (whitened) from a tile are
-skipped for that tile, ``r`` chosen from N, the grid size and ``rtol`` so that the skipped mass is
-provably below ``rtol`` of the cube maximum; the bound is re-checked on the result and the
-cube recomputed without skipping when it fails. If the result under-/overflows anyway
-(pathological covariances), an exact log-space direct evaluation is used.
+where ``C(u) = sum_{j<k} P_jk u_j u_k`` holds the grid-only cross terms and each ``F_pj`` is a
+1-D Gaussian in ``g_j`` (a completed square; the per-galaxy constant is fixed exactly by the
+maximum over the tile and shared equally between the axes). The sum over galaxies is therefore
+one matrix product (axis 0 x galaxies) @ (galaxies x axes 1..d-1), followed by multiplication
+with the 2-D tables ``exp(-P_jk u_j u_k)``; BLAS / cuBLAS does the heavy part at full speed. Every
+term is a product of exponentials, so the result keeps full relative precision (no
+cancellation). To keep every exponential inside the floating-point range the grid is cut into
+tiles on which ``|C| <= C_MAX`` (360 in float64, 25 in float32); for the weak correlations of
+real clusters one tile covers the grid. Galaxies farther than ``r`` kernel widths from a tile
+(or from a slab of grid planes along axis 0) are skipped, with ``r`` chosen from N, the grid
+size and ``rtol`` so that the skipped mass is provably below ``rtol`` (default 1e-6) of the
+cube maximum; the bound is re-checked on the result (and the cube recomputed with a larger
+``r`` when it fails). Pathological cases (huge tile counts, results out of range) use an exact
+log-space direct sum instead. 1-D grids always use the direct sum.
 
 Degenerate input (documented answers, never a linear-algebra crash)
 -------------------------------------------------------------------
@@ -35,7 +38,9 @@ Degenerate input (documented answers, never a linear-algebra crash)
   Flagged with ``DegenerateKDEWarning`` and ``info["regularised"]``.
 * NaN/inf coordinates: :class:`clustermass.errors.CatalogueError` naming ``label``.
 * Galaxies outside the window shape the covariance (as in scipy) and add their kernel tails
-  to the grid, but are not themselves on it.
+  to the grid, but are not themselves on it. If every kernel is negligible on the whole grid
+  (all galaxies many kernel widths outside it), the cube is still normalised: it then shows
+  the shape of the tails (evaluated in log space), where scipy would give 0/0.
 """
 
 from __future__ import annotations
@@ -43,6 +48,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -53,9 +60,10 @@ from .config import KDEConfig, WindowConfig
 from .errors import CatalogueError, ClustermassError
 
 KINDS = ("cnn3d", "cnn2d", "cnn1d")
-#: largest tile exponent (rho^2 / 2) per dtype; see module docstring
+#: largest cross-term exponent |C| on one tile, per dtype (keeps every factor in range)
 _C_MAX = {"float64": 360.0, "float32": 25.0}
 _DEFAULT_RTOL = 1e-6
+_SLAB = 1.0  # slab width along axis 0, in kernel reaches
 
 
 class DegenerateKDEWarning(UserWarning):
@@ -228,6 +236,8 @@ def _choose_tiles(P: np.ndarray, ns: list[int], spacing: np.ndarray, c_max: floa
 
 
 def _tiles(ns: list[int], k: list[int]) -> tuple[list[tuple], list[list[np.ndarray]]]:
+    if all(kj == 1 for kj in k):
+        return [(0,) * len(ns)], [[np.arange(nj)] for nj in ns]
     per_axis = [np.array_split(np.arange(ns[j]), k[j]) for j in range(len(ns))]
     return list(np.ndindex(*k)), per_axis
 
@@ -283,21 +293,21 @@ def _tile_sum(pts: np.ndarray, gs: list[np.ndarray], c: np.ndarray, P: np.ndarra
     n0, N = len(gs[0]), len(pts)
     if d == 2:
         right = F[1]
-        post = [(E[(0, 1)], np.s_[:, :])]
+        post = [(E[(0, 1)], True)]  # (table, indexed by the axis-0 slab)
     else:
         right = F[1][:, :, None] * F[2][:, None, :]
-        post = [(E[(0, 1)], np.s_[:, :, None]), (E[(0, 2)], np.s_[:, None, :])]
+        post = [(E[(0, 1)][:, :, None], True), (E[(0, 2)][:, None, :], True)]
         if N <= n0:  # cheaper to fold the (1, 2) cross term into the galaxy side
             right *= E[(1, 2)]
         else:
-            post.append((E[(1, 2)][None, :, :], np.s_[:, :, :]))
+            post.append((E[(1, 2)][None, :, :], False))
         right = right.reshape(N, -1)
     shape = tuple(len(g) for g in gs)
     S = np.empty((n0, right.shape[1]))
     S3 = S.reshape(shape)
     g0 = gs[0]
     cells = reach0 / (g0[1] - g0[0]) if n0 > 1 else math.inf
-    width = max(4, math.ceil(cells)) if cells < n0 else n0
+    width = max(4, math.ceil(_SLAB * cells)) if cells < n0 else n0
     left = F[0].T  # (n0, N)
     p0 = pts[:, 0]
     for a in range(0, n0, width):  # slabs of grid planes along axis 0, post-processed in cache
@@ -312,8 +322,8 @@ def _tile_sum(pts: np.ndarray, gs: list[np.ndarray], c: np.ndarray, P: np.ndarra
             continue
         np.matmul(left[a:b, i0:i1], right[i0:i1], out=S[a:b])
         blk = S3[a:b]
-        for tab, ix in post:
-            blk *= tab[a:b][ix] if tab.shape[0] == n0 and tab.ndim == 2 else tab
+        for tab, rowwise in post:
+            blk *= tab[a:b] if rowwise else tab
     return S3
 
 
@@ -357,9 +367,13 @@ def _cube_numpy(pts: np.ndarray, axes: list[np.ndarray], K: np.ndarray, P: np.nd
     # normalised cube by rtol * max (since max >= S / n_cells). S is first estimated (kernels
     # fully on the grid, /4 for safety), then checked on the result and, if needed, recomputed.
     s_lb = 0.25 * N * (2 * np.pi) ** (d / 2) * math.sqrt(np.linalg.det(K)) / float(np.prod(spacing))
-    tix = np.indices(k).reshape(d, -1).T  # (T, d) tile index per axis
-    t_lo = np.stack([np.array([axes[j][ch[0]] for ch in per_axis[j]])[tix[:, j]] for j in range(d)], 1)
-    t_hi = np.stack([np.array([axes[j][ch[-1]] for ch in per_axis[j]])[tix[:, j]] for j in range(d)], 1)
+    if len(tiles) == 1:
+        t_lo = np.array([[a[0] for a in axes]])
+        t_hi = np.array([[a[-1] for a in axes]])
+    else:
+        tix = np.indices(k).reshape(d, -1).T  # (T, d) tile index per axis
+        t_lo = np.stack([np.array([axes[j][ch[0]] for ch in per_axis[j]])[tix[:, j]] for j in range(d)], 1)
+        t_hi = np.stack([np.array([axes[j][ch[-1]] for ch in per_axis[j]])[tix[:, j]] for j in range(d)], 1)
     centres, halfw = 0.5 * (t_lo + t_hi), 0.5 * (t_hi - t_lo)
     for _attempt in range(3):
         r = math.sqrt(2.0 * math.log(max(2.0 * N * n_cells / (rtol * s_lb), 2.0)))
@@ -412,8 +426,8 @@ def _prepare(points, lows, highs, n, bandwidth, label, floor_cells):
         info["regularised"] = True
         warnings.warn(
             DegenerateKDEWarning(
-                f"{_name(label)}: singular covariance ({len(p)} galaxies in {d}D); kernel "
-                f"regularised to >= {floor_cells:g} grid cell(s) per direction"
+                f"{_name(label)}: singular covariance ({len(p)} galaxies in {d}D); its "
+                f"degenerate directions get a kernel {floor_cells:g} grid cell(s) wide"
             ),
             stacklevel=3,
         )
@@ -435,9 +449,10 @@ def gaussian_kde_grid(
 ):
     """Gaussian KDE of ``points`` on a regular grid, normalised to sum 1.
 
-    Equal (to ~1e-12 relative to the maximum) to ``scipy.stats.gaussian_kde(points.T,
-    bw_method=bandwidth)`` evaluated on the grid and divided by its sum; typically 50-100x
-    faster on one core (see ``benchmarks/kde.py``).
+    Equal, within ``rtol`` of the maximum (in practice ~1e-10), to
+    ``scipy.stats.gaussian_kde(points.T, bw_method=bandwidth)`` evaluated on the grid and
+    divided by its sum; 50-100x faster on one core for 100 galaxies on 50^3 (``benchmarks/kde.py``).
+    Algorithm and guarantees: module docstring.
 
     Parameters
     ----------
@@ -486,11 +501,20 @@ def gaussian_kde_grid_batch(
     device=None,
     **kwargs,
 ) -> np.ndarray:
-    """:func:`gaussian_kde_grid` for many diagrams sharing one grid: an array (B, n, ...).
+    """:func:`gaussian_kde_grid` for many diagrams sharing one grid.
 
-    ``backend="torch"`` evaluates the batch with :func:`gaussian_kde_grid_torch` (GPU when
-    available or ``device`` given) and returns it as a float64 numpy array.
-    ``labels`` (B,) name the diagrams in messages.
+    Parameters
+    ----------
+    list_of_points : sequence of (N_b, d) arrays (N_b may differ; 0 gives an all-zero grid).
+    lows, highs, n, bandwidth : as in :func:`gaussian_kde_grid`.
+    labels : (B,) names of the diagrams for messages.
+    backend : "numpy" (one core per call, exact to ``rtol``) or "torch" (one batched
+        :func:`gaussian_kde_grid_torch` call, on ``device``; GPU when available).
+    **kwargs : passed on (``rtol``, ``floor_cells`` for numpy; ``dtype`` for torch).
+
+    Returns
+    -------
+    (B, n, ...) float64 array, each grid summing to 1 (or all zeros).
     """
     list_of_points = list(list_of_points)
     labels = [None] * len(list_of_points) if labels is None else list(labels)
@@ -640,7 +664,7 @@ def _torch_core(plist, Plist, axes, dtype, device):
         F[0] = F[0] * mask_t[:, :, None]
         F = [f.to(dtype) for f in F]
 
-        def cross(j, m_):
+        def cross(j, m_, dg=dg):
             return torch.exp(-P_t[:, j, m_, None, None] * torch.outer(dg[j], dg[m_])).to(dtype)
 
         if d == 1:
@@ -750,8 +774,7 @@ class PhaseSpaceDataset(_torch_dataset_base()):
             raise ClustermassError(f"augment must be False, True, 'rotate' or 'd4', got {augment!r}")
         self.seed, self.epoch = int(seed), 0
         off = catalogue.offsets[self.rows]
-        self._starts, self._ends = off[:, 0].copy(), off[:, 1].copy()
-        self.n_points = self._ends - self._starts
+        self.n_points = off[:, 1] - off[:, 0]
         self.degenerate_rows = self.rows[self.n_points <= self.dim]
         if len(self.degenerate_rows):
             warnings.warn(
@@ -761,14 +784,14 @@ class PhaseSpaceDataset(_torch_dataset_base()):
                 ),
                 stacklevel=2,
             )
-        self._xyv = np.column_stack(
-            [catalogue._galaxy_array(c) for c in ("x_proj", "y_proj", "v_los")]
-        )
         self._y = catalogue.clusters["log_m200c"].to_numpy(dtype=np.float64)[self.rows].astype(np.float32)
         self._ids = catalogue.clusters["diagram_id"].to_numpy()[self.rows]
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self._mm = None
         self._filled = None
+        self._data_hash = None
+        if self.cache_dir is not None and not self.augment:
+            self._create_cache()
 
     # -------------------------------------------------------------- torch API
     def __len__(self) -> int:
@@ -785,7 +808,7 @@ class PhaseSpaceDataset(_torch_dataset_base()):
 
     def points(self, i: int) -> np.ndarray:
         """(N, 3) (x, y, v) of item ``i`` after augmentation (if any)."""
-        p = self._xyv[self._starts[i] : self._ends[i]]
+        p = self.catalogue.points(int(self.rows[i]))
         if self.augment:
             rng = np.random.default_rng([self.seed, self.epoch, int(self.rows[i])])
             p = augment_points(p, rng, self.augment)
@@ -822,6 +845,28 @@ class PhaseSpaceDataset(_torch_dataset_base()):
         y = torch.tensor(self._y[i], dtype=torch.float32)
         return x, y
 
+    def batch(self, indices, device=None, dtype=None):
+        """Items ``indices`` built together by the torch path (GPU when available).
+
+        Returns ``(x, y)``: x (B, 1, n, ...) = grids * input_scale on ``device`` (float32 by
+        default), y (B,) float32 log_m200c. Same grids as ``__getitem__`` (augmentation
+        included) within float32 rounding; ignores the on-disk cache.
+        """
+        import torch
+
+        idx = [int(i) for i in indices]
+        pts = [diagram_points(self.points(i), self.kind) for i in idx]
+        lo, hi = diagram_limits(self.kind, self.window)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DegenerateKDEWarning)
+            x = gaussian_kde_grid_torch(
+                pts, lo, hi, self.kde.n_grid, self.kde.bandwidth, device=device,
+                dtype=dtype or torch.float32, labels=[int(self._ids[i]) for i in idx],
+            )
+        x = (x * self.kde.input_scale).unsqueeze(1)
+        y = torch.as_tensor(self._y[idx], device=x.device)
+        return x, y
+
     # -------------------------------------------------------------- cache
     def cache_key(self) -> str:
         """Hash identifying the cached grids (rows, kind, window, kde, catalogue content)."""
@@ -829,24 +874,34 @@ class PhaseSpaceDataset(_torch_dataset_base()):
         spec = {"kind": self.kind, "window": self.window.model_dump(), "kde": self.kde.model_dump()}
         h.update(json.dumps(spec, sort_keys=True).encode())
         h.update(self.rows.tobytes())
-        h.update(self.catalogue.data_hash().encode())
+        if self._data_hash is None:
+            self._data_hash = self.catalogue.data_hash()
+        h.update(self._data_hash.encode())
         return h.hexdigest()[:16]
+
+    def _cache_paths(self) -> tuple[Path, Path]:
+        key = self.cache_key()
+        return self.cache_dir / f"grids-{key}.f32", self.cache_dir / f"grids-{key}.filled"
+
+    def _create_cache(self) -> None:
+        """Create the (zero, unfilled) memory-map files once, in the main process."""
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        data_path, flag_path = self._cache_paths()
+        shape = (len(self),) + grid_shape(self.kind, self.kde.n_grid)
+        for path, dt, shp in ((data_path, np.float32, shape), (flag_path, np.uint8, (len(self),))):
+            if not path.exists():
+                fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=self.cache_dir)
+                os.close(fd)
+                mm = np.memmap(tmp, dtype=dt, mode="w+", shape=shp)
+                mm.flush()
+                del mm
+                os.replace(tmp, path)
 
     def _open_cache(self) -> None:
         if self._mm is not None:
             return
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
-        key = self.cache_key()
+        data_path, flag_path = self._cache_paths()
         shape = (len(self),) + grid_shape(self.kind, self.kde.n_grid)
-        data_path = self.cache_dir / f"grids-{key}.f32"
-        flag_path = self.cache_dir / f"grids-{key}.filled"
-        for path, dt, shp in ((data_path, np.float32, shape), (flag_path, np.uint8, (len(self),))):
-            if not path.exists():
-                tmp = path.with_suffix(path.suffix + ".tmp")
-                mm = np.memmap(tmp, dtype=dt, mode="w+", shape=shp)
-                mm.flush()
-                del mm
-                tmp.replace(path)
         self._mm = np.memmap(data_path, dtype=np.float32, mode="r+", shape=shape)
         self._filled = np.memmap(flag_path, dtype=np.uint8, mode="r+", shape=(len(self),))
 
