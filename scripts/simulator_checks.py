@@ -1,6 +1,6 @@
 """Make the simulator check figures and numbers of docs/simulator.md.
 
-Usage: python scripts/simulator_checks.py [--n 6000] [--seed 0] [--out docs/figures]
+Usage: python scripts/simulator_checks.py [--n 6000] [--seed 0] [--out docs/img/simulator]
 Writes simulator_*.png and simulator_checks.json into --out (about 30 s on one core).
 """
 
@@ -22,7 +22,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--n", type=int, default=6000, help="diagrams in the main catalogue")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", type=Path, default=Path("docs/figures"))
+    ap.add_argument("--out", type=Path, default=Path("docs/img/simulator"))
     args = ap.parse_args()
     n = args.n
     sim = SimulationConfig(

@@ -13,6 +13,7 @@ from clustermass import evaluation as ev
 from clustermass.baselines import evrard_sigma
 from clustermass.catalog import Catalogue
 from clustermass.errors import ClustermassError
+from clustermass.posterior import JointKDEPosterior
 
 SN, S0 = 0.04, 0.08
 
@@ -100,15 +101,6 @@ def test_model_metrics_sign_coverage_and_scatter():
     assert m2["max_coverage_deviation"] > 0.25
 
 
-def test_coverage_curve_from_pit():
-    pit = np.random.default_rng(6).uniform(0, 1, 20000)
-    levels, cover = ev.coverage_curve_from_pit(pit)
-    assert np.max(np.abs(cover - levels)) < 0.015
-    # posteriors much wider than the truth scatter: PIT piles up at 1/2, over-coverage
-    _, cover = ev.coverage_curve_from_pit(np.full(100, 0.5), [0.1, 0.5])
-    assert cover.tolist() == [1.0, 1.0]
-
-
 def test_binned_statistics():
     x = np.repeat([0.05, 0.15], 1000)
     y = np.concatenate([np.zeros(1000), np.linspace(-1, 1, 1000)])
@@ -148,33 +140,13 @@ def make_catalogue(n_test=200, n_eval=150, seed=0, halos=True) -> Catalogue:
     return Catalogue(clusters, gal, hal)
 
 
-class GaussianPosterior:
-    """Stand-in for JointKDEPosterior: linear-Gaussian calibration t = a + b d + N(0, s)."""
-
-    def __init__(self, bandwidth=0.2):
-        self.bandwidth = bandwidth
-
-    def fit(self, d_pred, log_m_true):
-        d, t = np.asarray(d_pred, float), np.asarray(log_m_true, float)
-        self.b_, self.a_ = np.polyfit(d, t, 1)
-        self.s_ = float(np.std(t - self.a_ - self.b_ * d))
-        return self
-
-    def summarize(self, d_obs):
-        d = np.asarray(d_obs, float)
-        return _gaussian_summary(self.a_ + self.b_ * d, self.s_, d_pred=d)
-
-    def cdf(self, d_obs, log_m):
-        return norm.cdf((np.asarray(log_m) - self.a_ - self.b_ * np.asarray(d_obs)) / self.s_)
-
-
 class FakeBundle:
     """predict = truth + N(0, noise) (seeded); posterior calibrated on the test split."""
 
     def __init__(self, kind, noise, cat, seed):
         self.kind, self.noise, self.seed, self.meta = kind, noise, seed, {"calibration": {"bandwidth": 0.2}}
         rows = cat.rows("test")
-        self._post = GaussianPosterior().fit(self.predict(cat, rows), cat.clusters["log_m200c"].to_numpy()[rows])
+        self._post = JointKDEPosterior().fit(self.predict(cat, rows), cat.clusters["log_m200c"].to_numpy()[rows])
 
     def predict(self, catalogue, rows=None):
         rows = catalogue.rows() if rows is None else np.asarray(rows)
@@ -214,8 +186,7 @@ def test_evaluate_predictions_writes_metrics_and_figures(tmp_path):
         ev.evaluate_predictions(cat, rows, results, None, primary="cnn2d")
 
 
-def test_evaluate_with_bundles_and_baselines(tmp_path, monkeypatch):
-    monkeypatch.setattr(ev, "_posterior_factory", lambda bw: GaussianPosterior(bw))
+def test_evaluate_with_bundles_and_baselines(tmp_path):
     cat = make_catalogue(seed=1)
     bundles = {"cnn3d": FakeBundle("cnn3d", 0.08, cat, 1), "cnn1d": FakeBundle("cnn1d", 0.2, cat, 2)}
     m = ev.evaluate(bundles, cat, tmp_path, primary="cnn3d", progress=False)
@@ -228,13 +199,15 @@ def test_evaluate_with_bundles_and_baselines(tmp_path, monkeypatch):
     for name in ("cnn1d", "sigma_evrard", "virial"):
         assert (tmp_path / f"posteriors_{name}.parquet").is_file()
     assert (tmp_path / "contamination.parquet").is_file()
-    assert (tmp_path / "figures" / "coverage.png").is_file()
+    for fig in ("coverage", "pit", "coverage_by_mass", "tarp", "joint_pdf", "example_posterior"):
+        assert (tmp_path / "figures" / f"{fig}.png").is_file(), fig
     # ranking: 3D better than 1D; the sigma-based baseline recovers mass (~0.1-0.2 dex here)
     assert m["models"]["cnn3d"]["eps_std"] < m["models"]["cnn1d"]["eps_std"]
     assert m["models"]["sigma_evrard"]["eps_std"] < 0.3
     assert m["eps_std"] == pytest.approx(0.08, rel=0.25)
     # the full coverage curve comes from the posterior's CDF (PIT) when it has one
-    assert "PIT" in m["coverage_source"] and m["max_coverage_deviation"] < 0.15
+    assert "CDF" in m["coverage_source"] and m["max_coverage_deviation"] < 0.15
+    assert 0 <= m["tarp_max_deviation"] < 0.2 and 0 <= m["pit_ks_pvalue"] <= 1
     assert json.loads((tmp_path / "metrics.json").read_text())["primary"] == "cnn3d"
 
 
@@ -248,8 +221,7 @@ def test_evaluate_with_real_joint_kde_posterior(tmp_path):
     assert 0.4 < m["coverage_68"] < 0.95
 
 
-def test_calibrate_and_summarize_keeps_failed_rows(monkeypatch):
-    monkeypatch.setattr(ev, "_posterior_factory", lambda bw: GaussianPosterior(bw))
+def test_calibrate_and_summarize_keeps_failed_rows():
     rng = np.random.default_rng(7)
     t = rng.uniform(13.7, 15, 200)
     d = 0.5 * t + 7 + rng.normal(0, 0.05, 200)

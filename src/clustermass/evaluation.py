@@ -122,20 +122,6 @@ def coverage_from_summary(summary: pd.DataFrame, log_m_true) -> dict:
     }
 
 
-def coverage_curve_from_pit(pit, levels=None) -> tuple[np.ndarray, np.ndarray]:
-    """Coverage of central credible intervals from PIT values ``F(log M_true | d)``.
-
-    A true mass lies inside the central interval of credibility ``x`` when
-    ``|PIT - 1/2| <= x/2``. Returns ``(levels, coverage)``; levels default to 0..1 by 0.01.
-    """
-    pit = np.asarray(pit, float)
-    pit = pit[np.isfinite(pit)]
-    levels = np.linspace(0.0, 1.0, 101) if levels is None else np.asarray(levels, float)
-    dev = np.abs(pit - 0.5)
-    cover = np.array([(dev <= lv / 2 + 1e-12).mean() if len(pit) else np.nan for lv in levels])
-    return levels, cover
-
-
 # ---------------------------------------------------------------------- richness dependence
 def fit_power_law(log_m_true, log_m_pred) -> tuple[float, float]:
     """Least-squares ``log_m_pred = a + b log_m_true``; returns ``(a, b)``."""
@@ -302,20 +288,12 @@ def model_metrics(log_m_true, n_mem, summary: pd.DataFrame, posterior=None, rich
     cov = coverage_from_summary(summary[ok], t[ok])
     cov["coverage_source"] = "summary intervals (68/95 only)"
     if posterior is not None and ok.any():
-        try:
-            from .posterior import calibration_metrics
+        from .diagnostics import calibration_metrics
 
-            cm = calibration_metrics(posterior, d_pred[ok], t[ok])
-            cov = {k: float(cm[k]) for k in ("coverage_68", "coverage_95", "max_coverage_deviation")}
-            cov["coverage_source"] = "posterior.calibration_metrics"
-        except Exception as exc:  # absent or different API: the PIT from posterior.cdf instead
-            log.debug("calibration_metrics unavailable (%s); using the PIT", exc)
-            try:
-                levels, curve = coverage_curve_from_pit(posterior.cdf(d_pred[ok], t[ok]), np.linspace(0.01, 0.99, 99))
-                cov["max_coverage_deviation"] = float(np.nanmax(np.abs(curve - levels)))
-                cov["coverage_source"] = "intervals; max deviation over levels 0.01-0.99 from the PIT"
-            except Exception as exc2:  # a failing diagnostic must not lose the other metrics
-                log.warning("posterior coverage diagnostics failed: %s", exc2)
+        cm = calibration_metrics(posterior, d_pred[ok], t[ok])
+        keys = ("coverage_68", "coverage_95", "max_coverage_deviation", "pit_ks_pvalue", "tarp_max_deviation")
+        cov = {k: float(cm[k]) for k in keys}
+        cov["coverage_source"] = "diagnostics.calibration_metrics (posterior CDF at the truth)"
     out.update(cov)
     pl_resid, a, b = power_law_residuals(t[ok], d_pred[ok])
     fit = fit_richness_scatter(pl_resid, np.asarray(n_mem, float)[ok], method=richness_method)
@@ -482,8 +460,35 @@ def _make_figures(catalogue, rows, results, t, n_mem, primary, contamination, fi
             fig_dir / "contamination.png", label=primary))
     post = posteriors.get(primary)
     if post is not None:
-        _try("coverage", lambda: pe.plot_coverage(post, s["d_pred"].to_numpy(float), t, fig_dir / "coverage.png"))
+        _posterior_figures(post, s["d_pred"].to_numpy(float), t, fig_dir, _try)
     return made
+
+
+def _posterior_figures(post, d_pred, t, fig_dir, _try) -> None:
+    """SBI diagnostics of the primary model (paper Fig. 4, coverage, PIT, per-mass coverage, TARP)."""
+    from . import diagnostics as dg
+    from ._io import save_figure
+    from .plots import posterior as pp
+
+    ok = np.isfinite(d_pred) & np.isfinite(t)
+    d, m = d_pred[ok], t[ok]
+    levels = np.linspace(0.0, 1.0, 101)
+    cal = post.to_frame()
+    _try("joint_pdf", lambda: save_figure(pp.plot_joint_pdf(post, cal["d_pred"].to_numpy(), cal["log_m_true"].to_numpy()),
+                                          fig_dir / "joint_pdf.png"))
+    pit = dg.pit_values(post, d, m)
+    _try("coverage", lambda: save_figure(pp.plot_coverage(levels, dg.coverage_from_pit(pit, levels), n=len(d)),
+                                         fig_dir / "coverage.png"))
+    _try("pit", lambda: save_figure(pp.plot_pit(pit), fig_dir / "pit.png"))
+    _try("coverage_by_mass", lambda: save_figure(pp.plot_coverage_by_mass(dg.coverage_by_mass(post, d, m)),
+                                                 fig_dir / "coverage_by_mass.png"))
+    tarp = dg.tarp_test(post, d, m, levels=levels)
+    _try("tarp", lambda: save_figure(pp.plot_tarp(tarp["alpha"], tarp["ecp"], n=len(d)), fig_dir / "tarp.png"))
+    i = int(np.argmin(np.abs(m - np.median(m)))) if len(m) else None
+    if i is not None:
+        _try("example_posterior", lambda: save_figure(
+            pp.plot_single_posterior(post, float(d[i]), log_m_true=float(m[i]), label="example evaluation cluster"),
+            fig_dir / "example_posterior.png"))
 
 
 def _posterior_factory(bandwidth: float):

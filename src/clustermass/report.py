@@ -33,7 +33,14 @@ FIGURE_CAPTIONS = {
     "method_comparison": "Residuals per mass bin for every network and classical baseline (paper Fig. 7).",
     "richness": "Scatter about the power law vs number of members with the eq.-7 fits and the "
                 "velocity-dispersion-only expectation (paper Fig. 8).",
-    "coverage": "Empirical coverage of the central credible intervals of the primary model.",
+    "joint_pdf": "Joint KDE of (network prediction, true mass) on the test split: the SBI "
+                 "calibration (paper Fig. 4).",
+    "coverage": "Empirical coverage of the central credible intervals of the primary model "
+                "(evaluation split), with the ideal diagonal.",
+    "pit": "Probability integral transform of the true masses under their posteriors: flat if calibrated.",
+    "coverage_by_mass": "68% and 95% coverage per bin of true mass, with binomial errors.",
+    "tarp": "TARP expected-coverage test (Lemos et al. 2023): on the diagonal if calibrated.",
+    "example_posterior": "Posterior of one evaluation cluster: PDF, MAP and the 1/2-sigma intervals.",
     "loss_curve": "Training and validation loss per epoch.",
 }
 

@@ -227,20 +227,3 @@ def plot_contamination(log_m_true, eps, contamination, d_min, path, label: str =
     return save_figure(fig, path)
 
 
-def plot_coverage(posterior, d_pred, log_m_true, path) -> Path:
-    """Empirical coverage of central credible intervals vs their nominal level (from the PIT,
-    ``posterior.cdf(d_pred, log_m_true)``)."""
-    d = np.asarray(d_pred, float)
-    t = np.asarray(log_m_true, float)
-    ok = np.isfinite(d) & np.isfinite(t)
-    from ..evaluation import coverage_curve_from_pit
-
-    levels, cover = coverage_curve_from_pit(posterior.cdf(d[ok], t[ok]))
-    fig, ax = plt.subplots(figsize=(4.5, 4.5))
-    ax.plot(levels, cover, "C0-", label="empirical")
-    ax.plot([0, 1], [0, 1], "k--", lw=1, label="ideal")
-    ax.set_xlabel("credibility level of the central interval")
-    ax.set_ylabel("fraction of true masses inside")
-    ax.legend()
-    ax.set_title(f"Coverage ({ok.sum()} clusters)")
-    return save_figure(fig, path)

@@ -7,8 +7,6 @@ most ~2 deg at the nearest observer distance). Units: h^-1 Mpc proper, km/s, mag
 
 from __future__ import annotations
 
-from functools import lru_cache
-
 import numpy as np
 
 from .. import cosmology
@@ -29,19 +27,9 @@ def observer_distance(n: int, d_min: float, d_max: float, rng: np.random.Generat
     return (d_min**3 + u * (d_max**3 - d_min**3)) ** (1.0 / 3.0)
 
 
-@lru_cache(maxsize=2)
-def _z_of_chi(cosmo: str = cosmology.SIMULATION_COSMOLOGY):
-    z = np.linspace(0.0, 0.25, 251)
-    return cosmology.comoving_distance(z, cosmo), z
-
-
 def redshift_from_comoving(chi) -> np.ndarray:
-    """Cosmological redshift at comoving distance chi [h^-1 Mpc] (table to z = 0.25, then colossus)."""
-    chi = np.asarray(chi, dtype=float)
-    tab_chi, tab_z = _z_of_chi()
-    if np.any(chi > tab_chi[-1]):
-        return cosmology.redshift_from_comoving(chi)
-    return np.interp(chi, tab_chi, tab_z)
+    """Cosmological redshift at comoving distance chi [h^-1 Mpc] (simulation cosmology)."""
+    return cosmology.redshift_from_comoving(chi)
 
 
 def distance_modulus(chi) -> np.ndarray:
