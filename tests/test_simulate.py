@@ -255,3 +255,21 @@ def test_matter_correlation_function():
     # scale-dependent bias suppresses b b xi where xi >> 1, and vanishes on large scales
     assert hal.halo_xi(1.0, 2.0, 2.0) < 4 * xi[0]
     assert hal.halo_xi(30.0, 2.0, 2.0) == pytest.approx(4 * xi[3], rel=0.02)
+
+
+def test_streamed_catalogue_equals_in_memory(tmp_path):
+    import pandas as pd
+    """simulate_to_directory (one chunk in memory at a time) writes the same catalogue."""
+    from clustermass.catalog import read_catalogue
+    from clustermass.config import SimulationConfig, WindowConfig
+    from clustermass.simulate import simulate_catalogue, simulate_to_directory
+
+    sim = SimulationConfig(n_train=60, n_test=30, n_eval=30, max_sightlines=3, chunk_size=40)
+    window = WindowConfig()
+    mem = simulate_catalogue(sim, window, seed=5, progress=False)
+    simulate_to_directory(sim, window, 5, tmp_path / "cat", progress=False)
+    disk = read_catalogue(tmp_path / "cat")
+    pd.testing.assert_frame_equal(disk.clusters, mem.clusters)
+    pd.testing.assert_frame_equal(disk.galaxies, mem.galaxies)
+    pd.testing.assert_frame_equal(disk.halos, mem.halos)
+    assert disk.meta["seed"] == 5 and not list((tmp_path / "cat").glob(".*.tmp"))

@@ -220,6 +220,51 @@ def write_catalogue(cat: Catalogue, directory: str | Path) -> Path:
     return directory
 
 
+def write_catalogue_chunks(chunks, directory: str | Path, meta: dict | None = None) -> Path:
+    """Stream ``(clusters, galaxies, halos)`` chunks into a catalogue directory.
+
+    Memory holds one chunk at a time (each becomes a parquet row group), so catalogues larger
+    than memory can be written; the result reads back with :func:`read_catalogue` exactly like
+    one written by :func:`write_catalogue`. Files appear atomically when every chunk is written.
+    """
+    import os
+    import tempfile
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    meta = meta or {}
+    units = {**UNITS, **{k: v[1] for k, v in HALO_COLUMNS.items()}}
+    names = ("clusters", "galaxies", "halos")
+    writers: dict[str, pq.ParquetWriter] = {}
+    tmp: dict[str, Path] = {}
+    n = 0
+    try:
+        for chunk in chunks:
+            for name, df in zip(names, chunk, strict=True):
+                table = _table_with_units(df, units, meta)
+                if name not in writers:
+                    fd, path = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
+                    os.close(fd)
+                    tmp[name] = Path(path)
+                    writers[name] = pq.ParquetWriter(path, table.schema)
+                writers[name].write_table(table.cast(writers[name].schema))
+            n += len(chunk[0])
+        for w in writers.values():
+            w.close()
+        for name in ("galaxies", "halos", "clusters"):  # clusters last: marks a complete catalogue
+            if name in tmp:
+                os.chmod(tmp[name], 0o644)
+                os.replace(tmp[name], directory / f"{name}.parquet")
+    except BaseException:
+        for w in writers.values():
+            w.close()
+        for path in tmp.values():
+            path.unlink(missing_ok=True)
+        raise
+    write_json_atomic(directory / "catalogue.json", {"n_diagrams": n, **meta})
+    return directory
+
+
 def read_catalogue(directory: str | Path) -> Catalogue:
     """Read and validate a catalogue directory written by :func:`write_catalogue`."""
     directory = Path(directory)

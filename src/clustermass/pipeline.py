@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ._io import write_json_atomic, write_text_atomic
-from .catalog import Catalogue, read_catalogue, write_catalogue
+from .catalog import Catalogue, read_catalogue
 from .config import RunConfig, dump_config
 from .errors import ClustermassError
 
@@ -31,21 +31,21 @@ def config_hash(*sections) -> str:
 
 
 def simulate_stage(cfg: RunConfig, out: Path, progress: bool = True) -> Catalogue:
-    """Simulate the mock catalogue into ``out`` (reused when it exists with the same config and seed)."""
-    from .simulate import simulate_catalogue
+    """Simulate the mock catalogue into ``out`` (reused when it exists with the same config and seed).
+
+    The catalogue streams to disk chunk by chunk, then is read back.
+    """
+    from .simulate import simulate_to_directory
 
     key = config_hash(cfg.simulation, cfg.window) + f"-s{cfg.seed}"
-    meta_file = out / "catalogue.json"
-    if (out / "clusters.parquet").is_file() and meta_file.is_file():
+    meta_file = Path(out) / "catalogue.json"
+    if (Path(out) / "clusters.parquet").is_file() and meta_file.is_file():
         if json.loads(meta_file.read_text()).get("config_key") == key:
             _log(f"reusing catalogue in {out}", progress)
             return read_catalogue(out)
-    cat = simulate_catalogue(cfg.simulation, cfg.window, seed=cfg.seed, progress=progress)
-    cat.meta = {**cat.meta, "config_key": key, "seed": cfg.seed,
-                "simulation": cfg.simulation.model_dump(mode="json"),
-                "window": cfg.window.model_dump(mode="json")}
-    write_catalogue(cat, out)
-    return cat
+    simulate_to_directory(cfg.simulation, cfg.window, cfg.seed, out, meta={"config_key": key},
+                          progress=progress)
+    return read_catalogue(out)
 
 
 def train_stage(cfg: RunConfig, cat: Catalogue, kind: str, out: Path, progress: bool = True):

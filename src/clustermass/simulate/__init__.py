@@ -5,12 +5,19 @@ and :mod:`clustermass.simulate.box` (periodic boxes, the authors' public mock fo
 """
 
 from .galaxies import populate_halos
-from .mock import iter_chunks, simulate_catalogue, simulate_chunk, summarize_catalogue
+from .mock import (
+    iter_chunks,
+    simulate_catalogue,
+    simulate_chunk,
+    simulate_to_directory,
+    summarize_catalogue,
+)
 
 __all__ = [
     "iter_chunks",
     "populate_halos",
     "simulate_catalogue",
     "simulate_chunk",
+    "simulate_to_directory",
     "summarize_catalogue",
 ]

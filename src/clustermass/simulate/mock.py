@@ -261,14 +261,33 @@ def simulate_catalogue(
     clusters = pd.concat([p[0] for p in parts], ignore_index=True)
     galaxies = pd.concat([p[1] for p in parts], ignore_index=True)
     halos = pd.concat([p[2] for p in parts], ignore_index=True)
-    meta = {
+    return Catalogue(clusters, galaxies, halos, catalogue_meta(sim, window, seed))
+
+
+def catalogue_meta(sim: SimulationConfig, window: WindowConfig, seed: int) -> dict:
+    """Provenance stored with a simulated catalogue (seed, configuration, cosmology)."""
+    return {
         "source": "clustermass.simulate",
         "seed": int(seed),
         "simulation": sim.model_dump(mode="json"),
         "window": window.model_dump(mode="json"),
         "cosmology": cosmology.SIMULATION_COSMOLOGY,
     }
-    return Catalogue(clusters, galaxies, halos, meta)
+
+
+def simulate_to_directory(sim: SimulationConfig, window: WindowConfig, seed: int, out,
+                          meta: dict | None = None, progress: bool = True):
+    """Simulate straight to a catalogue directory, one chunk in memory at a time.
+
+    Same diagrams as :func:`simulate_catalogue` (same seed, same chunks); ``meta`` is added to
+    the provenance. Returns the directory.
+    """
+    from ..catalog import write_catalogue_chunks
+
+    if sim.n_total <= 0:
+        raise ConfigError("the simulation asks for no diagrams (n_train + n_test + n_eval = 0)")
+    return write_catalogue_chunks(iter_chunks(sim, window, seed, progress), out,
+                                  {**catalogue_meta(sim, window, seed), **(meta or {})})
 
 
 def summarize_catalogue(cat: Catalogue) -> dict:
