@@ -32,7 +32,9 @@ import numpy as np
 import pandas as pd
 
 from ._io import write_json_atomic
+from .diagnostics import NOMINAL_68, NOMINAL_95
 from .errors import ClustermassError
+from .posterior import SUMMARY_COLUMNS
 
 log = logging.getLogger(__name__)
 
@@ -41,12 +43,6 @@ EPS_DEFINITION = (
     "eps = log10 M_pred - log10 M_true (positive = over-prediction), "
     "M_pred = posterior median (log_m_median)"
 )
-SUMMARY_COLUMNS = [
-    "d_pred", "log_m_map", "log_m_median", "log_m_mean",
-    "log_m_lo1", "log_m_hi1", "log_m_lo2", "log_m_hi2",
-]
-LEVEL_1SIGMA = 0.682689492137
-LEVEL_2SIGMA = 0.954499736104
 METRIC_KEYS = [
     "eps_mean", "eps_std", "coverage_68", "coverage_95", "max_coverage_deviation",
     "sigma_N", "sigma_N_err", "sigma_0", "sigma_0_err", "log_m_true_std", "n_eval",
@@ -118,7 +114,7 @@ def coverage_from_summary(summary: pd.DataFrame, log_m_true) -> dict:
     return {
         "coverage_68": c68,
         "coverage_95": c95,
-        "max_coverage_deviation": float(max(abs(c68 - LEVEL_1SIGMA), abs(c95 - LEVEL_2SIGMA))),
+        "max_coverage_deviation": float(max(abs(c68 - NOMINAL_68), abs(c95 - NOMINAL_95))),
     }
 
 
@@ -518,7 +514,7 @@ def calibrate_and_summarize(d_test, log_m_test, d_eval, bandwidth: float = 0.20)
         s.index = np.flatnonzero(fin)
         summary = s.reindex(np.arange(len(d_eval)))
     else:
-        summary = pd.DataFrame(np.nan, index=np.arange(len(d_eval)), columns=SUMMARY_COLUMNS)
+        summary = pd.DataFrame(np.nan, index=np.arange(len(d_eval)), columns=list(SUMMARY_COLUMNS))
     summary["d_pred"] = d_eval
     if "out_of_range" in summary.columns:
         summary["out_of_range"] = summary["out_of_range"].astype(object).where(fin, False).astype(bool)
