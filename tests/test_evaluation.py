@@ -212,7 +212,6 @@ def test_evaluate_with_bundles_and_baselines(tmp_path):
 
 
 def test_evaluate_with_real_joint_kde_posterior(tmp_path):
-    pytest.importorskip("clustermass.posterior")
     cat = make_catalogue(n_test=300, n_eval=100, seed=2, halos=False)
     m = ev.evaluate({}, cat, tmp_path, primary="cnn3d", progress=False, figures=False)
     assert m["primary"] == "sigma_evrard"  # falls back to the first available method

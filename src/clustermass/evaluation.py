@@ -34,7 +34,7 @@ import pandas as pd
 from ._io import write_json_atomic
 from .diagnostics import NOMINAL_68, NOMINAL_95
 from .errors import ClustermassError
-from .posterior import SUMMARY_COLUMNS
+from .posterior import SUMMARY_COLUMNS, JointKDEPosterior
 
 log = logging.getLogger(__name__)
 
@@ -487,13 +487,6 @@ def _posterior_figures(post, d_pred, t, fig_dir, _try) -> None:
             fig_dir / "example_posterior.png"))
 
 
-def _posterior_factory(bandwidth: float):
-    """A fresh JointKDEPosterior (imported lazily; tests may substitute a stand-in)."""
-    from .posterior import JointKDEPosterior
-
-    return JointKDEPosterior(bandwidth=bandwidth)
-
-
 def calibrate_and_summarize(d_test, log_m_test, d_eval, bandwidth: float = 0.20):
     """Fit a joint-KDE posterior on (d_test, log_m_test) and summarise ``d_eval``.
 
@@ -507,7 +500,7 @@ def calibrate_and_summarize(d_test, log_m_test, d_eval, bandwidth: float = 0.20)
     ok = np.isfinite(d_test) & np.isfinite(log_m_test)
     if ok.sum() < 10:
         raise ClustermassError(f"only {ok.sum()} calibration pairs with finite values (need >= 10)")
-    post = _posterior_factory(bandwidth).fit(d_test[ok], log_m_test[ok])
+    post = JointKDEPosterior(bandwidth=bandwidth).fit(d_test[ok], log_m_test[ok])
     fin = np.isfinite(d_eval)
     if fin.any():
         s = post.summarize(d_eval[fin]).reset_index(drop=True)
