@@ -266,8 +266,35 @@ def test_augmented_training_rebuilds_grids_with_workers(cat, tmp_path):
     s.set_epoch(4)
     assert list(s) != e3
 
-    b = train_model(cat, "cnn3d", WINDOW, KDE, _cfg(max_epochs=2, augment=True, num_workers=1), seed=0,
+    b = train_model(cat, "cnn3d", WINDOW, KDE, _cfg(max_epochs=2, augment="rotate", num_workers=1), seed=0,
                     out_dir=tmp_path, progress=False)
     tr = b.meta["training"]
-    assert tr["epochs_run"] == 2 and tr["inputs_cached"] is False and tr["augment"] is True
+    assert tr["epochs_run"] == 2 and tr["inputs_cached"] is False and tr["augment"] == "rotate"
     assert np.isfinite([r["val_loss"] for r in tr["history"]]).all()
+
+
+def test_square_symmetries_of_cached_cubes_equal_the_kde_of_transformed_galaxies(cat):
+    """d4 augmentation flips/swaps cached cubes; that must be the cube of the transformed galaxies."""
+    import torch
+
+    from clustermass.phasespace import diagram_grid
+    from clustermass.training import apply_square_symmetries
+
+    pts = cat.points(0)
+    cube = torch.as_tensor(diagram_grid(pts, "cnn3d", WINDOW, KDE))[None, None]
+    transforms = {1: lambda p: p * [-1, 1, 1], 2: lambda p: p * [1, -1, 1], 4: lambda p: p[:, [1, 0, 2]],
+                  7: lambda p: (p * [-1, -1, 1])[:, [1, 0, 2]]}
+    for code, f in transforms.items():
+        got = apply_square_symmetries(cube, [code])[0, 0].numpy()
+        want = diagram_grid(f(pts), "cnn3d", WINDOW, KDE)
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-9 * want.max())  # KDE accuracy: 1e-5
+    assert torch.equal(apply_square_symmetries(cube, [0]), cube)
+
+
+def test_d4_training_uses_cached_cubes(cat, tmp_path):
+    from clustermass.training import train_model
+
+    b = train_model(cat, "cnn3d", WINDOW, KDE, _cfg(max_epochs=2, augment="d4"), seed=0, out_dir=tmp_path,
+                    progress=False)
+    tr = b.meta["training"]
+    assert tr["inputs_cached"] is True and tr["augment"] == "d4" and tr["epochs_run"] == 2

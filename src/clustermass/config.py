@@ -80,7 +80,12 @@ class TrainingConfig(_Section):
     max_epochs: int = Field(100, ge=1)
     patience: int = Field(5, ge=1, description="early-stopping patience [epochs]")
     val_fraction: float = Field(0.1, gt=0, lt=1, description="fraction of training halos held out")
-    augment: bool = Field(False, description="random sky-plane rotations/reflections")
+    augment: Literal["none", "d4", "rotate"] = Field(
+        "none",
+        description="sky-plane augmentation: 'd4' = the 8 exact symmetries of the square window "
+        "(x/y flips, x<->y swap) applied to the cached cubes (free); 'rotate' = random rotations "
+        "+ reflections of the galaxies, cubes rebuilt every epoch (slow on CPU)",
+    )
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes")
     cache_inputs: bool = Field(True, description="build the KDE grids once and keep them in memory (not with augment)")
     cache_max_gb: float = Field(12.0, ge=0, description="largest in-memory grid cache [GB] (paper: 8.5); beyond it grids are rebuilt each epoch")

@@ -101,17 +101,50 @@ class EpochBatchSampler(torch.utils.data.Sampler):
 
 
 class _TensorBatches(torch.utils.data.Dataset):
-    """In-memory grids indexed by a list of rows at once (one gather per batch)."""
+    """In-memory grids indexed by a list of rows at once (one gather per batch).
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        self.x, self.y = x, y
+    With ``symmetries`` (3D cubes only) each item gets one of the 8 exact symmetries of the square
+    sky window (flip x, flip y, swap x and y), drawn from (seed, epoch, item): the KDE of the
+    transformed galaxies is exactly the transformed cube, and the mass is unchanged.
+    """
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, symmetries: bool = False, seed: int = 0) -> None:
+        self.x, self.y, self.symmetries, self.seed, self.epoch = x, y, symmetries, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
 
     def __len__(self) -> int:
         return len(self.y)
 
     def __getitem__(self, idx):
-        idx = torch.as_tensor(idx, device=self.x.device)
-        return self.x[idx], self.y[idx]
+        x = self.x[torch.as_tensor(idx, device=self.x.device)]
+        if self.symmetries:
+            codes = np.random.default_rng([self.seed, self.epoch, int(idx[0])]).integers(0, 8, len(idx))
+            x = apply_square_symmetries(x, codes)
+        return x, self.y[torch.as_tensor(idx, device=self.y.device)]
+
+
+def apply_square_symmetries(x: torch.Tensor, codes) -> torch.Tensor:
+    """Apply symmetry ``codes[i]`` (bit 0: flip x, bit 1: flip y, bit 2: swap x and y) to cube i.
+
+    ``x`` has shape (B, 1, n_x, n_y, n_v); the grid is symmetric about 0 on both sky axes.
+    """
+    out = x.clone()
+    codes = np.asarray(codes)
+    for c in range(1, 8):
+        sel = torch.as_tensor(np.flatnonzero(codes == c), device=x.device)
+        if len(sel) == 0:
+            continue
+        t = x[sel]
+        if c & 1:
+            t = t.flip(2)
+        if c & 2:
+            t = t.flip(3)
+        if c & 4:
+            t = t.transpose(2, 3)
+        out[sel] = t
+    return out
 
 
 class _SubsetBatches(torch.utils.data.Dataset):
@@ -405,7 +438,8 @@ def train_model(
     device = torch.device("cuda") if cuda else torch.device("cpu")
     n_cells = kde.n_grid ** {"cnn3d": 3, "cnn2d": 2, "cnn1d": 1}[kind]
     cache_gb = (len(train_rows) + len(val_rows)) * n_cells * 4 / 1e9
-    use_cache = getattr(training, "cache_inputs", True) and not training.augment and \
+    rebuild = training.augment == "rotate"  # galaxies rotated every epoch: no fixed cubes
+    use_cache = getattr(training, "cache_inputs", True) and not rebuild and \
         cache_gb <= getattr(training, "cache_max_gb", 12.0)
     nw = training.num_workers
     val_ds = _dataset(catalogue, val_rows, kind, window, kde)
@@ -417,13 +451,17 @@ def train_model(
         if cuda and cache_gb < 0.5 * torch.cuda.mem_get_info()[0] / 1e9:
             x, y = x.to(device), y.to(device)
         n_tr = len(train_rows)
-        train_set, val_set = _TensorBatches(x[:n_tr], y[:n_tr]), _TensorBatches(x[n_tr:], y[n_tr:])
+        symmetries = training.augment == "d4" and kind == "cnn3d"
+        train_set = _TensorBatches(x[:n_tr], y[:n_tr], symmetries=symmetries, seed=seed)
+        val_set = _TensorBatches(x[n_tr:], y[n_tr:])
+        train_base = train_set  # receives set_epoch (symmetry draws per epoch)
         workers = {"num_workers": 0}
     else:
-        train_base = _dataset(catalogue, train_rows, kind, window, kde, augment=training.augment, seed=seed)
+        train_base = _dataset(catalogue, train_rows, kind, window, kde,
+                              augment=training.augment if training.augment != "none" else False, seed=seed)
         train_set, val_set = _SubsetBatches(train_base), _SubsetBatches(val_ds)
         # workers are re-spawned each epoch so they see the epoch's augmentation seed
-        workers = {"num_workers": nw, "persistent_workers": nw > 0 and not training.augment}
+        workers = {"num_workers": nw, "persistent_workers": nw > 0 and training.augment == "none"}
     pin = cuda and not (use_cache and x.is_cuda)
     train_loader = torch.utils.data.DataLoader(
         train_set, batch_size=None,
