@@ -40,3 +40,29 @@ def test_run_pipeline_tiny(tmp_path):
     assert len(figures) >= 3
     html = (out / "report.html").read_text()
     assert "<html" in html.lower() and "data:image/png;base64" in html
+
+
+def test_infer_paths_with_a_trained_bundle(tmp_path):
+    """`infer` on a catalogue (with per-cluster figures) and on sky tables of a mock sky."""
+    from clustermass.catalog import read_catalogue, write_catalogue
+    from clustermass.inference import infer_catalogue, infer_sky_tables
+    from clustermass.mocksky import simulate_sky
+
+    out = tmp_path / "run"
+    run_pipeline(load_config("tiny", overrides=["evaluation.comparison_models=[]",
+                                                "evaluation.baselines=false"]), out, progress=False)
+    model = out / "models" / "cnn3d"
+    write_catalogue(read_catalogue(out / "catalogue").subset([0, 1, 2]), tmp_path / "sub")
+    t = pd.read_parquet(infer_catalogue(model, tmp_path / "sub", tmp_path / "inf", plots=True, progress=False))
+    assert len(t) == 3 and (t["log_m_lo1"] <= t["log_m_hi1"]).all() and "log_m_true" in t
+    assert len(list((tmp_path / "inf" / "figures").glob("posterior_*.png"))) == 3
+
+    gal, clusters, _ = simulate_sky(area_deg2=200, seed=2)
+    gal.to_parquet(tmp_path / "gal.parquet")
+    clusters.to_csv(tmp_path / "clusters.csv", index=False)
+    s = pd.read_parquet(infer_sky_tables(model, tmp_path / "gal.parquet", tmp_path / "clusters.csv",
+                                         tmp_path / "sky", mag_col="mag_r", progress=False))
+    assert len(s) == len(clusters) > 0
+    assert set(s["id"]) == set(clusters["id"])
+    ok = s["log_m_median"].notna()
+    assert ok.any() and (s.loc[ok, "log_m_lo2"] <= s.loc[ok, "log_m_hi2"]).all()

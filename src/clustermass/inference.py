@@ -55,6 +55,15 @@ def _cluster_figures(post, table: pd.DataFrame, out: Path) -> None:
         save_figure(fig, out / "figures" / f"posterior_{cid}.png")
 
 
+def _write_posteriors(bundle, table: pd.DataFrame, out, plots: bool) -> Path:
+    """``out/posteriors.parquet`` and, on request, one posterior figure per cluster."""
+    out = Path(out)
+    path = write_table(table, out / "posteriors.parquet")
+    if plots:
+        _cluster_figures(bundle.posterior(), table, out)
+    return path
+
+
 def infer_catalogue(model: str | Path, data: str | Path, out: str | Path, plots: bool = False,
                     progress: bool = True) -> Path:
     """Posteriors for every diagram of a catalogue directory -> ``out/posteriors.parquet``."""
@@ -63,11 +72,7 @@ def infer_catalogue(model: str | Path, data: str | Path, out: str | Path, plots:
     bundle = load_model(model)
     cat = read_catalogue(data)
     table = posterior_table(bundle, cat, progress=progress)
-    out = Path(out)
-    path = write_table(table, out / "posteriors.parquet")
-    if plots:
-        _cluster_figures(bundle.posterior(), table, out)
-    return path
+    return _write_posteriors(bundle, table, out, plots)
 
 
 def infer_sky_tables(model, galaxies, clusters, out, *, ra_col="ra", dec_col="dec", z_col="z",
@@ -82,11 +87,7 @@ def infer_sky_tables(model, galaxies, clusters, out, *, ra_col="ra", dec_col="de
     cl = read_table(clusters)
     table = infer_sky(bundle, gal, cl, ra_col=ra_col, dec_col=dec_col, z_col=z_col, id_col=id_col,
                       mag_col=mag_col, mag_limit=mag_limit, angle_unit=angle_unit, progress=progress)
-    out = Path(out)
-    path = write_table(table, out / "posteriors.parquet")
-    if plots:
-        _cluster_figures(bundle.posterior(), table, out)
-    return path
+    return _write_posteriors(bundle, table, out, plots)
 
 
 def infer_authors_sdss(model, cluster_list, galaxy_source, out, *, plots=False, progress=True) -> Path:
@@ -97,11 +98,7 @@ def infer_authors_sdss(model, cluster_list, galaxy_source, out, *, plots=False, 
     bundle = load_model(model)
     cat = read_authors_sdss(cluster_list, galaxy_source, window=bundle.window)
     table = infer_sky_catalogue(bundle, cat, progress=progress)
-    out = Path(out)
-    path = write_table(table, out / "posteriors.parquet")
-    if plots:
-        _cluster_figures(bundle.posterior(), table, out)
-    return path
+    return _write_posteriors(bundle, table, out, plots)
 
 
 def compare_tables(posteriors, reference, out, *, id_col="id", mass_col="log_m200c", err_col=None) -> dict:
