@@ -178,13 +178,18 @@ class Catalogue:
         return Catalogue(cl, gal, halos, dict(self.meta))
 
     def data_hash(self) -> str:
-        """Short content hash of the clusters and galaxies (recorded in model bundles)."""
-        import hashlib
+        """Short content hash of the clusters and galaxies (recorded in model bundles).
 
-        h = hashlib.sha256()
-        for df in (self.clusters, self.galaxies):
-            h.update(pd.util.hash_pandas_object(df, index=False).to_numpy().tobytes())
-        return h.hexdigest()[:16]
+        Computed once, like :attr:`offsets`: a catalogue is not modified after construction.
+        """
+        if "_hash" not in self.__dict__:
+            import hashlib
+
+            h = hashlib.sha256()
+            for df in (self.clusters, self.galaxies):
+                h.update(pd.util.hash_pandas_object(df, index=False).to_numpy().tobytes())
+            self._hash = h.hexdigest()[:16]
+        return self._hash
 
 
 # ---------------------------------------------------------------------- I/O

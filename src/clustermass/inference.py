@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 
 from .catalog import Catalogue, read_catalogue, write_parquet
-from .errors import BundleError, ClustermassError
+from .errors import ClustermassError
 
 
 def posterior_table(bundle, cat: Catalogue, rows=None, progress: bool = False) -> pd.DataFrame:
@@ -17,9 +17,7 @@ def posterior_table(bundle, cat: Catalogue, rows=None, progress: bool = False) -
     Returns a DataFrame with ``diagram_id`` first, the posterior summary columns, and
     ``log_m_true`` when the catalogue knows the true masses.
     """
-    post = bundle.posterior()
-    if post is None:
-        raise BundleError("the model bundle is not calibrated: run `clustermass calibrate` first")
+    post = bundle.posterior()  # raises BundleError when the bundle is not calibrated
     rows = np.arange(len(cat)) if rows is None else np.asarray(rows)
     d_pred = bundle.predict(cat, rows=rows, progress=progress)
     table = post.summarize(d_pred).reset_index(drop=True)

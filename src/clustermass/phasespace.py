@@ -789,7 +789,6 @@ class PhaseSpaceDataset(_torch_dataset_base()):
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self._mm = None
         self._filled = None
-        self._data_hash = None
         if self.cache_dir is not None and not self.augment:
             self._create_cache()
 
@@ -874,9 +873,7 @@ class PhaseSpaceDataset(_torch_dataset_base()):
         spec = {"kind": self.kind, "window": self.window.model_dump(), "kde": self.kde.model_dump()}
         h.update(json.dumps(spec, sort_keys=True).encode())
         h.update(self.rows.tobytes())
-        if self._data_hash is None:
-            self._data_hash = self.catalogue.data_hash()
-        h.update(self._data_hash.encode())
+        h.update(self.catalogue.data_hash().encode())
         return h.hexdigest()[:16]
 
     def _cache_paths(self) -> tuple[Path, Path]:

@@ -576,6 +576,7 @@ class ModelBundle:
         self.network.eval()
         self.path = Path(path) if path is not None else None
         self._calibration: pd.DataFrame | None = None
+        self._posterior = None  # fitted JointKDEPosterior, cached until the calibration changes
 
     def __repr__(self) -> str:
         tr = self.meta.get("training", {})
@@ -670,18 +671,21 @@ class ModelBundle:
         df = pd.DataFrame({"d_pred": d, "log_m_true": m})
         _write_calibration(self.path / CALIBRATION_FILE, df)
         self._calibration = df
+        self._posterior = None
         self.meta["calibration"] = {"file": CALIBRATION_FILE, "bandwidth": float(bandwidth), "n_pairs": int(len(d))}
         write_json_atomic(self.path / META_FILE, self.meta)
 
     def posterior(self):
-        """The SBI posterior: ``JointKDEPosterior(bandwidth).fit(d_pred, log_m_true)``."""
+        """The SBI posterior: ``JointKDEPosterior(bandwidth).fit(d_pred, log_m_true)``, fitted once."""
         from .posterior import JointKDEPosterior
 
-        cal = self.calibration
-        if cal is None:
-            raise BundleError("this model bundle is not calibrated yet (run `clustermass calibrate`)")
-        return JointKDEPosterior(self.meta["calibration"]["bandwidth"]).fit(
-            cal["d_pred"].to_numpy(), cal["log_m_true"].to_numpy())
+        if self._posterior is None:
+            cal = self.calibration
+            if cal is None:
+                raise BundleError("this model bundle is not calibrated yet (run `clustermass calibrate`)")
+            self._posterior = JointKDEPosterior(self.meta["calibration"]["bandwidth"]).fit(
+                cal["d_pred"].to_numpy(), cal["log_m_true"].to_numpy())
+        return self._posterior
 
 
 def _write_calibration(path: Path, df: pd.DataFrame) -> None:
