@@ -304,7 +304,7 @@ class _FakeBundle:
     window = W
     meta = {"training_data": {"mag_limit": 18.0, "distance_max": 250.0}}
 
-    def predict(self, cat, rows=None):
+    def predict(self, cat, rows=None, progress=False):
         rows = np.arange(len(cat)) if rows is None else rows
         return 13.0 + 0.02 * cat.clusters["n_gal"].to_numpy()[rows]
 

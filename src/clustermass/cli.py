@@ -58,6 +58,12 @@ def simulate(
 ) -> None:
     """Simulate a mock catalogue of projected phase-space diagrams (or a mock sky with --sky)."""
     cfg = _config(preset, config, set_, seed)
+    if n_diagrams is not None:  # split sizes keep the preset's proportions (validated again)
+        s = cfg.simulation
+        tot = max(s.n_total, 1)
+        n_train, n_test = round(n_diagrams * s.n_train / tot), round(n_diagrams * s.n_test / tot)
+        cfg = _config(preset, config, set_, seed, simulation__n_train=n_train, simulation__n_test=n_test,
+                      simulation__n_eval=n_diagrams - n_train - n_test)
     if sky:
         from .mocksky import write_mock_sky
 
@@ -65,13 +71,6 @@ def simulate(
         for p in paths:
             typer.echo(f"wrote {p}")
         return
-    if n_diagrams is not None:
-        s = cfg.simulation
-        tot = max(s.n_total, 1)
-        n_train = round(n_diagrams * s.n_train / tot)
-        n_test = round(n_diagrams * s.n_test / tot)
-        cfg.simulation = s.model_copy(update={"n_train": n_train, "n_test": n_test,
-                                               "n_eval": n_diagrams - n_train - n_test})
     from .pipeline import simulate_stage
     from .simulate import summarize_catalogue
 
@@ -106,8 +105,11 @@ def train(
 def calibrate(
     model: Annotated[Path, typer.Option(help="model bundle directory")],
     data: Annotated[Path, typer.Option(help="catalogue directory with a test split")],
-    bandwidth: Annotated[float, typer.Option(help="joint-KDE bandwidth factor (scipy bw_method)")] = 0.20,
+    bandwidth: Annotated[float | None, typer.Option(help="joint-KDE bandwidth factor (scipy bw_method; default: the preset's, 0.20)")] = None,
     split: Annotated[str, typer.Option(help="split used for calibration")] = "test",
+    preset: Preset = "quick",
+    config: ConfigFile = None,
+    set_: Sets = None,
     quiet: Quiet = False,
 ) -> None:
     """Calibrate the SBI posterior: store (prediction, true mass) pairs of the test split in the bundle."""
@@ -115,9 +117,10 @@ def calibrate(
     from .pipeline import calibrate_stage
     from .training import load_model
 
+    cfg = _config(preset, config, set_, None, calibration__bandwidth=bandwidth)
     bundle = load_model(model)
     cat = read_catalogue(data)
-    calibrate_stage(bundle, cat, bandwidth, split=split, progress=not quiet)
+    calibrate_stage(bundle, cat, cfg.calibration, split=split, progress=not quiet)
     typer.echo(f"calibration stored in {model}")
 
 
@@ -137,8 +140,10 @@ def evaluate(
     bundles = {}
     for p in model:
         b = load_model(p)
+        if b.kind in bundles:
+            raise ClustermassError(f"two --model bundles of kind {b.kind!r}; give one per kind")
         bundles[b.kind] = b
-    primary = load_model(model[0]).kind
+    primary = next(iter(bundles))
     metrics = _evaluate(bundles, read_catalogue(data), out, primary=primary, baselines=baselines,
                         progress=not quiet)
     _echo_dict({k: v for k, v in metrics.items() if not isinstance(v, dict | list)})

@@ -18,7 +18,7 @@ def posterior_table(bundle, cat: Catalogue, rows=None, progress: bool = False) -
     ``log_m_true`` when the catalogue knows the true masses.
     """
     post = bundle.posterior()  # raises BundleError when the bundle is not calibrated
-    rows = np.arange(len(cat)) if rows is None else np.asarray(rows)
+    rows = cat.rows() if rows is None else np.asarray(rows)
     d_pred = bundle.predict(cat, rows=rows, progress=progress)
     table = post.summarize(d_pred).reset_index(drop=True)
     table.insert(0, "diagram_id", cat.clusters["diagram_id"].to_numpy()[rows])

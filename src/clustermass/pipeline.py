@@ -15,7 +15,7 @@ import numpy as np
 
 from ._io import write_json_atomic, write_text_atomic
 from .catalog import Catalogue, read_catalogue
-from .config import RunConfig, dump_config
+from .config import CalibrationConfig, RunConfig, dump_config
 from .errors import ClustermassError
 
 
@@ -53,17 +53,11 @@ def train_stage(cfg: RunConfig, cat: Catalogue, kind: str, out: Path, progress: 
     from .training import train_model
 
     training = cfg.training.model_copy(update={"model": kind})
-    bundle = train_model(cat, kind, cfg.window, cfg.kde, training, seed=cfg.seed, out_dir=out,
-                         progress=progress)
-    # what the model was trained on decides where it may be applied (flux limit, distances)
-    sim = cat.meta.get("simulation") or {}
-    keys = ("mag_limit", "distance_max", "log_m_min", "log_m_max")
-    bundle.meta["training_data"] = {k: sim[k] for k in keys if k in sim}
-    write_json_atomic(Path(out) / "model.json", bundle.meta)
-    return bundle
+    return train_model(cat, kind, cfg.window, cfg.kde, training, seed=cfg.seed, out_dir=out,
+                       progress=progress)
 
 
-def calibrate_stage(bundle, cat: Catalogue, bandwidth: float, split: str = "test",
+def calibrate_stage(bundle, cat: Catalogue, calibration: CalibrationConfig, split: str = "test",
                     progress: bool = True):
     """SBI calibration: predict the ``split`` diagrams and store the (d_pred, log_m_true) pairs."""
     rows = cat.rows(split)
@@ -73,7 +67,7 @@ def calibrate_stage(bundle, cat: Catalogue, bandwidth: float, split: str = "test
     if not np.isfinite(truth).all():
         raise ClustermassError(f"calibration needs true masses, but the '{split}' split has NaN log_m200c")
     d_pred = bundle.predict(cat, rows=rows, progress=progress)
-    bundle.set_calibration(d_pred, truth, bandwidth)
+    bundle.set_calibration(d_pred, truth, calibration.bandwidth, calibration.min_neighbours)
     return bundle
 
 
@@ -101,7 +95,7 @@ def run_pipeline(cfg: RunConfig, out: str | Path, progress: bool = True) -> dict
         timings[f"train_{kind}_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         _log(f"3/5 calibrate {kind} on the test split", progress)
-        calibrate_stage(bundles[kind], cat, cfg.calibration.bandwidth, progress=progress)
+        calibrate_stage(bundles[kind], cat, cfg.calibration, progress=progress)
         timings[f"calibrate_{kind}_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()

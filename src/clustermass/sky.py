@@ -380,7 +380,7 @@ def sky_to_catalogue(
     xs, ys, vs = x[in_window], y[in_window], v[in_window]
     few = (n_gal < max(min_galaxies, 4)) | _degenerate(sel_cl, xs / window.r_max, ys / window.r_max,
                                                        vs / window.v_max, n_cl)
-    chi = d_a * (1.0 + cz)  # comoving distance of a flat cosmology (fast; colossus' is per-element)
+    chi = cosmology.comoving_distance(cz, cosmo)
     outside = np.zeros(n_cl, dtype=bool)
     if distance_max is not None:
         outside |= chi > distance_max * (1 + 1e-9)
@@ -507,17 +507,12 @@ def infer_sky_catalogue(bundle, cat: Catalogue, info: pd.DataFrame | None = None
             if c in cat.clusters.columns:
                 info[c] = cat.clusters[c].to_numpy()
         info["few_galaxies"] = info["n_gal"].to_numpy() < 4
-    post = bundle.posterior()
-    if post is None:
-        raise CatalogueError("the model bundle is not calibrated: run `clustermass calibrate` first")
+    post = bundle.posterior()  # raises BundleError when the bundle is not calibrated
     rows = np.flatnonzero(~info["few_galaxies"].to_numpy(bool))
     table = pd.DataFrame(index=range(len(info)), columns=list(POSTERIOR_COLUMNS), dtype=float)
     table["out_of_range"] = True
     if len(rows):
-        try:
-            d = bundle.predict(cat, rows=rows, progress=progress)
-        except TypeError:  # a bundle without a progress argument
-            d = bundle.predict(cat, rows=rows)
+        d = bundle.predict(cat, rows=rows, progress=progress)
         summ = post.summarize(np.asarray(d)).reset_index(drop=True)
         for c in POSTERIOR_COLUMNS:
             if c in summ.columns:

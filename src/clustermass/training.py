@@ -328,7 +328,7 @@ def _quiet_lightning():
 
 
 def _precision(training: TrainingConfig, cuda: bool) -> str:
-    want = getattr(training, "precision", "auto")
+    want = training.precision
     if want != "auto":
         return want
     if not cuda:
@@ -438,11 +438,11 @@ def train_model(
     device = torch.device("cuda") if cuda else torch.device("cpu")
     n_cells = kde.n_grid ** {"cnn3d": 3, "cnn2d": 2, "cnn1d": 1}[kind]
     cache_gb = (len(train_rows) + len(val_rows)) * n_cells * 4 / 1e9
-    rebuild = training.augment == "rotate"  # galaxies rotated every epoch: no fixed cubes
-    use_cache = getattr(training, "cache_inputs", True) and not rebuild and \
-        cache_gb <= getattr(training, "cache_max_gb", 12.0)
+    # sky-plane symmetries change only the 3D cubes; (R_proj, v) and v are invariant
+    augment = training.augment if kind == "cnn3d" else "none"
+    rebuild = augment == "rotate"  # galaxies rotated every epoch: no fixed cubes
+    use_cache = training.cache_inputs and not rebuild and cache_gb <= training.cache_max_gb
     nw = training.num_workers
-    val_ds = _dataset(catalogue, val_rows, kind, window, kde)
     train_base = None
     if use_cache:
         both = _dataset(catalogue, np.concatenate([train_rows, val_rows]), kind, window, kde)
@@ -451,17 +451,18 @@ def train_model(
         if cuda and cache_gb < 0.5 * torch.cuda.mem_get_info()[0] / 1e9:
             x, y = x.to(device), y.to(device)
         n_tr = len(train_rows)
-        symmetries = training.augment == "d4" and kind == "cnn3d"
+        symmetries = augment == "d4"
         train_set = _TensorBatches(x[:n_tr], y[:n_tr], symmetries=symmetries, seed=seed)
         val_set = _TensorBatches(x[n_tr:], y[n_tr:])
         train_base = train_set  # receives set_epoch (symmetry draws per epoch)
         workers = {"num_workers": 0}
     else:
         train_base = _dataset(catalogue, train_rows, kind, window, kde,
-                              augment=training.augment if training.augment != "none" else False, seed=seed)
+                              augment=augment if augment != "none" else False, seed=seed)
+        val_ds = _dataset(catalogue, val_rows, kind, window, kde)
         train_set, val_set = _SubsetBatches(train_base), _SubsetBatches(val_ds)
         # workers are re-spawned each epoch so they see the epoch's augmentation seed
-        workers = {"num_workers": nw, "persistent_workers": nw > 0 and training.augment == "none"}
+        workers = {"num_workers": nw, "persistent_workers": nw > 0 and augment == "none"}
     pin = cuda and not (use_cache and x.is_cuda)
     train_loader = torch.utils.data.DataLoader(
         train_set, batch_size=None,
@@ -536,6 +537,9 @@ def train_model(
         },
         "versions": {"clustermass": __version__, "torch": torch.__version__,
                      "lightning": lightning.__version__},
+        # where the model may be applied: flux limit, distances and masses of its training mocks
+        "training_data": {k: v for k, v in (catalogue.meta.get("simulation") or {}).items()
+                          if k in ("mag_limit", "distance_max", "log_m_min", "log_m_max")},
         "calibration": None,
     }
     bundle = ModelBundle(kind, window, kde, network, meta)
@@ -649,41 +653,46 @@ class ModelBundle:
             self._calibration = _read_calibration(self.path / CALIBRATION_FILE)
         return self._calibration
 
-    def set_calibration(self, d_pred, log_m_true, bandwidth: float) -> None:
-        """Store the (prediction, true mass) pairs of the calibration split and the KDE bandwidth.
+    def set_calibration(self, d_pred, log_m_true, bandwidth: float, min_neighbours: float = 5.0) -> None:
+        """Store the (prediction, true mass) pairs of the calibration split and the KDE settings.
+
+        The posterior is fitted first, so a calibration it would refuse is never written.
 
         Parameters
         ----------
         d_pred : predicted log10 M200c of the calibration diagrams.
         log_m_true : their true log10 M200c.
         bandwidth : scipy bw_method factor of the joint 2D KDE (SCIENCE.md sec. 6).
+        min_neighbours : kernel weight of calibration pairs below which a prediction is out of range.
         """
-        d = np.asarray(d_pred, dtype=np.float64).ravel()
-        m = np.asarray(log_m_true, dtype=np.float64).ravel()
-        if len(d) != len(m) or len(d) < 2:
-            raise ClustermassError(f"calibration needs matching arrays of >= 2 pairs, got {len(d)} and {len(m)}")
-        if not (np.isfinite(d).all() and np.isfinite(m).all()):
-            raise ClustermassError("calibration pairs must be finite (no NaN true masses)")
-        if not bandwidth > 0:
-            raise ConfigError(f"calibration bandwidth must be positive, got {bandwidth}")
+        from .posterior import JointKDEPosterior
+
         if self.path is None:
             raise BundleError("save the bundle (bundle.save(dir)) before calibrating it")
+        d = np.asarray(d_pred, dtype=np.float64).ravel()
+        m = np.asarray(log_m_true, dtype=np.float64).ravel()
+        if len(d) != len(m):
+            raise ClustermassError(f"calibration needs matching arrays, got {len(d)} and {len(m)} values")
+        if not (np.isfinite(d).all() and np.isfinite(m).all()):
+            raise ClustermassError("calibration pairs must be finite (no NaN true masses)")
+        params = {"bandwidth": float(bandwidth), "min_neighbours": float(min_neighbours)}
+        posterior = JointKDEPosterior(**params).fit(d, m)  # raises on unusable calibrations
         df = pd.DataFrame({"d_pred": d, "log_m_true": m})
         _write_calibration(self.path / CALIBRATION_FILE, df)
-        self._calibration = df
-        self._posterior = None
-        self.meta["calibration"] = {"file": CALIBRATION_FILE, "bandwidth": float(bandwidth), "n_pairs": int(len(d))}
+        self._calibration, self._posterior = df, posterior
+        self.meta["calibration"] = {"file": CALIBRATION_FILE, **params, "n_pairs": int(len(d))}
         write_json_atomic(self.path / META_FILE, self.meta)
 
     def posterior(self):
-        """The SBI posterior: ``JointKDEPosterior(bandwidth).fit(d_pred, log_m_true)``, fitted once."""
+        """The SBI posterior ``JointKDEPosterior(bandwidth, min_neighbours).fit(d_pred, log_m_true)``, fitted once."""
         from .posterior import JointKDEPosterior
 
         if self._posterior is None:
             cal = self.calibration
             if cal is None:
                 raise BundleError("this model bundle is not calibrated yet (run `clustermass calibrate`)")
-            self._posterior = JointKDEPosterior(self.meta["calibration"]["bandwidth"]).fit(
+            c = self.meta["calibration"]
+            self._posterior = JointKDEPosterior(c["bandwidth"], min_neighbours=c.get("min_neighbours", 5.0)).fit(
                 cal["d_pred"].to_numpy(), cal["log_m_true"].to_numpy())
         return self._posterior
 
