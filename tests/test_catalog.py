@@ -72,3 +72,28 @@ def test_schema_errors_name_the_column(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(CatalogueError, match="clusters.parquet"):
         read_catalogue(tmp_path / "empty")
+
+
+def test_rewriting_a_directory_drops_the_old_halos_table(tmp_path):
+    cat = make_catalogue()
+    halos = pd.DataFrame({"diagram_id": [0], "halo_id": [7], "log_m200c": [14.0], "x_proj": [0.1],
+                          "y_proj": [0.2], "v_los": [100.0]})
+    write_catalogue(Catalogue(cat.clusters, cat.galaxies, halos), tmp_path / "cat")
+    assert read_catalogue(tmp_path / "cat").halos is not None
+    write_catalogue(cat, tmp_path / "cat")  # no halos table this time
+    assert read_catalogue(tmp_path / "cat").halos is None
+
+
+def test_interrupted_chunked_write_leaves_no_catalogue(tmp_path):
+    from clustermass.catalog import write_catalogue_chunks
+
+    cat = make_catalogue()
+    halos = pd.DataFrame({c: [] for c in ("diagram_id", "halo_id", "log_m200c", "x_proj", "y_proj", "v_los")})
+
+    def chunks():
+        yield cat.clusters, cat.galaxies, halos
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_catalogue_chunks(chunks(), tmp_path / "cat")
+    assert not list((tmp_path / "cat").iterdir())  # no table, no temporary file

@@ -19,7 +19,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ._io import atomic_write, write_json_atomic
+from ._io import atomic_path, atomic_write, write_json_atomic
 from .errors import CatalogueError
 
 #: required columns -> (dtype kind, unit, description)
@@ -135,18 +135,12 @@ class Catalogue:
 
     @property
     def offsets(self) -> np.ndarray:
-        """Row offsets: galaxies of cluster row i are ``galaxies[offsets[i]:offsets[i+1]]``."""
+        """(n, 2) row ranges: the galaxies of cluster row i are ``galaxies[offsets[i, 0]:offsets[i, 1]]``."""
         if self._offsets is None:
             gid = self.galaxies["diagram_id"].to_numpy()
             cid = self.clusters["diagram_id"].to_numpy()
-            order = np.argsort(cid, kind="stable")
-            starts = np.searchsorted(gid, cid[order], side="left")
-            ends = np.searchsorted(gid, cid[order], side="right")
-            s = np.empty(len(cid), dtype=np.int64)
-            e = np.empty(len(cid), dtype=np.int64)
-            s[order], e[order] = starts, ends
-            self._starts, self._ends = s, e
-            self._offsets = np.stack([s, e], axis=1)
+            self._offsets = np.stack([np.searchsorted(gid, cid, side="left"),
+                                      np.searchsorted(gid, cid, side="right")], axis=1)
         return self._offsets
 
     def points(self, row: int, columns=("x_proj", "y_proj", "v_los")) -> np.ndarray:
@@ -212,10 +206,19 @@ def write_parquet(df: pd.DataFrame, path: str | Path, meta: dict | None = None) 
     return atomic_write(path, lambda p: pq.write_table(table, p))
 
 
-def write_catalogue(cat: Catalogue, directory: str | Path) -> Path:
-    """Write ``clusters.parquet``, ``galaxies.parquet`` (and ``halos.parquet``) into ``directory``."""
+def _start_catalogue(directory: str | Path, with_halos: bool) -> Path:
+    """Prepare ``directory`` for a new catalogue: drop the completion markers (clusters table,
+    catalogue.json) of any earlier one, and its halos table when the new one has none."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    for name in ("clusters.parquet", "catalogue.json") + (() if with_halos else ("halos.parquet",)):
+        (directory / name).unlink(missing_ok=True)
+    return directory
+
+
+def write_catalogue(cat: Catalogue, directory: str | Path) -> Path:
+    """Write ``clusters.parquet``, ``galaxies.parquet`` (and ``halos.parquet``) into ``directory``."""
+    directory = _start_catalogue(directory, with_halos=cat.halos is not None)
     write_parquet(cat.galaxies, directory / "galaxies.parquet", cat.meta)
     if cat.halos is not None:
         write_parquet(cat.halos, directory / "halos.parquet", cat.meta)
@@ -232,40 +235,26 @@ def write_catalogue_chunks(chunks, directory: str | Path, meta: dict | None = No
     than memory can be written; the result reads back with :func:`read_catalogue` exactly like
     one written by :func:`write_catalogue`. Files appear atomically when every chunk is written.
     """
-    import os
-    import tempfile
+    from contextlib import ExitStack
 
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    directory = _start_catalogue(directory, with_halos=True)
     meta = meta or {}
     units = {**UNITS, **{k: v[1] for k, v in HALO_COLUMNS.items()}}
     names = ("clusters", "galaxies", "halos")
-    writers: dict[str, pq.ParquetWriter] = {}
-    tmp: dict[str, Path] = {}
     n = 0
-    try:
+    with ExitStack() as stack:
+        # exits run in reverse: the writers close, then halos, galaxies and (last) clusters move into place
+        tmp = {name: stack.enter_context(atomic_path(directory / f"{name}.parquet")) for name in names}
+        writers: dict[str, pq.ParquetWriter] = {}
         for chunk in chunks:
             for name, df in zip(names, chunk, strict=True):
                 table = _table_with_units(df, units, meta)
                 if name not in writers:
-                    fd, path = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
-                    os.close(fd)
-                    tmp[name] = Path(path)
-                    writers[name] = pq.ParquetWriter(path, table.schema)
+                    writers[name] = stack.enter_context(pq.ParquetWriter(tmp[name], table.schema))
                 writers[name].write_table(table.cast(writers[name].schema))
             n += len(chunk[0])
-        for w in writers.values():
-            w.close()
-        for name in ("galaxies", "halos", "clusters"):  # clusters last: marks a complete catalogue
-            if name in tmp:
-                os.chmod(tmp[name], 0o644)
-                os.replace(tmp[name], directory / f"{name}.parquet")
-    except BaseException:
-        for w in writers.values():
-            w.close()
-        for path in tmp.values():
-            path.unlink(missing_ok=True)
-        raise
+        if len(writers) < len(names):
+            raise CatalogueError("no chunk to write: the catalogue would be empty")
     write_json_atomic(directory / "catalogue.json", {"n_diagrams": n, **meta})
     return directory
 

@@ -48,14 +48,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ._io import atomic_write
 from .config import KDEConfig, WindowConfig
 from .errors import CatalogueError, ClustermassError
 
@@ -887,12 +886,7 @@ class PhaseSpaceDataset(_torch_dataset_base()):
         shape = (len(self),) + grid_shape(self.kind, self.kde.n_grid)
         for path, dt, shp in ((data_path, np.float32, shape), (flag_path, np.uint8, (len(self),))):
             if not path.exists():
-                fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=self.cache_dir)
-                os.close(fd)
-                mm = np.memmap(tmp, dtype=dt, mode="w+", shape=shp)
-                mm.flush()
-                del mm
-                os.replace(tmp, path)
+                atomic_write(path, lambda p, dt=dt, shp=shp: np.memmap(p, dtype=dt, mode="w+", shape=shp).flush())
 
     def _open_cache(self) -> None:
         if self._mm is not None:
