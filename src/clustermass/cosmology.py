@@ -67,18 +67,22 @@ def concentration_200c(log_m, z, model: str = "diemer19", cosmo: str = SIMULATIO
 
 
 def comoving_distance(z, cosmo: str = SIMULATION_COSMOLOGY):
-    """Line-of-sight comoving distance [h^-1 Mpc]."""
-    return use(cosmo).comovingDistance(z_max=np.asarray(z, dtype=float))
+    """Line-of-sight comoving distance [h^-1 Mpc] (tabulated below z = 1, colossus above)."""
+    z = np.asarray(z, dtype=float)
+    tab_chi, tab_z = _z_of_chi_table(cosmo)
+    if np.nanmax(z, initial=0.0) > tab_z[-1]:
+        return use(cosmo).comovingDistance(z_max=z)
+    return np.interp(z, tab_z, tab_chi)
 
 
 def angular_diameter_distance(z, cosmo: str = SIMULATION_COSMOLOGY):
-    """Angular-diameter distance [h^-1 Mpc]."""
-    return use(cosmo).angularDiameterDistance(np.asarray(z, dtype=float))
+    """Angular-diameter distance chi / (1 + z) [h^-1 Mpc] (flat cosmologies, as Planck's)."""
+    return comoving_distance(z, cosmo) / (1.0 + np.asarray(z, dtype=float))
 
 
 def luminosity_distance(z, cosmo: str = SIMULATION_COSMOLOGY):
-    """Luminosity distance [h^-1 Mpc]."""
-    return use(cosmo).luminosityDistance(np.asarray(z, dtype=float))
+    """Luminosity distance (1 + z) chi [h^-1 Mpc] (flat cosmologies, as Planck's)."""
+    return (1.0 + np.asarray(z, dtype=float)) * comoving_distance(z, cosmo)
 
 
 @lru_cache(maxsize=8)
@@ -93,9 +97,12 @@ def _z_of_chi_table(cosmo: str):
 
 
 def redshift_from_comoving(chi, cosmo: str = SIMULATION_COSMOLOGY):
-    """Redshift at comoving distance ``chi`` [h^-1 Mpc] (interpolated, valid below z = 1)."""
+    """Redshift at comoving distance ``chi`` [h^-1 Mpc] (interpolated; z <= 1 only)."""
     tab_chi, tab_z = _z_of_chi_table(cosmo)
-    return np.interp(np.asarray(chi, dtype=float), tab_chi, tab_z)
+    chi = np.asarray(chi, dtype=float)
+    if np.nanmax(chi, initial=0.0) > tab_chi[-1]:
+        raise ValueError(f"comoving distance beyond z = 1 ({tab_chi[-1]:.0f} h^-1 Mpc) is not tabulated")
+    return np.interp(chi, tab_chi, tab_z)
 
 
 def mass_function(log_m, z=0.0, cosmo: str = MASS_FUNCTION_COSMOLOGY, model: str = "tinker08"):

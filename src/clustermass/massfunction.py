@@ -148,14 +148,16 @@ def smoothed_theory(grid, bandwidth: float, z: float = 0.0, sigma: float = 0.0,
 def mass_function_from_posteriors(posteriors: pd.DataFrame, area_deg2: float, distance_max: float,
                                   *, estimate: str = "log_m_map", grid=None, n_boot: int = 200,
                                   seed: int = 0, z: float = 0.0,
-                                  exclude_flags: tuple[str, ...] = ()) -> pd.DataFrame:
+                                  exclude_flags: tuple[str, ...] = (),
+                                  log_m_min: float | None = None) -> pd.DataFrame:
     """:func:`mass_function_estimate` on a posterior table plus the theory columns.
 
     Uses ``estimate`` as the mass and ``(log_m_hi1 - log_m_lo1) / 2`` as the width; rows with
     NaN (too few galaxies) are skipped, and so are clusters beyond ``distance_max`` when the
     table has ``comoving_distance`` (the volume must contain the sample) and rows flagged with
     any of ``exclude_flags``. Adds ``dn_dlogm_theory`` (Tinker08, Planck 2018) and
-    ``dn_dlogm_theory_smoothed`` (the theory through the same kernel).
+    ``dn_dlogm_theory_smoothed`` (the theory through the same kernel, cut below ``log_m_min``,
+    the sample's completeness mass, when given).
     """
     for col in (estimate, "log_m_lo1", "log_m_hi1"):
         if col not in posteriors.columns:
@@ -171,7 +173,8 @@ def mass_function_from_posteriors(posteriors: pd.DataFrame, area_deg2: float, di
     table = mass_function_estimate(posteriors[estimate].to_numpy(float), sig, area_deg2, distance_max,
                                    grid, n_boot=n_boot, seed=seed)
     table["dn_dlogm_theory"] = theory_mass_function(table["log_m"], z)
-    table["dn_dlogm_theory_smoothed"] = smoothed_theory(table["log_m"], table.attrs["bandwidth"], z)
+    table["dn_dlogm_theory_smoothed"] = smoothed_theory(table["log_m"], table.attrs["bandwidth"], z,
+                                                        log_m_min=log_m_min)
     return table
 
 
@@ -189,7 +192,8 @@ def write_mass_function(posteriors: pd.DataFrame, out_dir, area_deg2: float, dis
 
     out_dir = Path(out_dir)
     table = mass_function_from_posteriors(posteriors, area_deg2, distance_max, estimate=estimate,
-                                          n_boot=n_boot, seed=seed, exclude_flags=exclude_flags)
+                                          n_boot=n_boot, seed=seed, exclude_flags=exclude_flags,
+                                          log_m_min=log_m_min)
     path = atomic_write(out_dir / "mass_function.csv", lambda p: table.to_csv(p, index=False))
     fig = save_figure(plot_mass_function(table, log_m_min=log_m_min), out_dir / "figures" / "mass_function.png")
     summary = {**table.attrs, "table": str(path), "figure": str(fig)}

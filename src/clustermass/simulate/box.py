@@ -24,7 +24,6 @@ from .observe import (
     los_depth,
     observe,
     observer_distance,
-    redshift_from_comoving,
     to_sightline_frame,
 )
 
@@ -125,7 +124,7 @@ def diagrams_from_box(
     nd = hd.size
     basis = hal.sightline_bases(nsl, rng)
     chi = observer_distance(nd, sim.distance_min, sim.distance_max, rng)
-    z = redshift_from_comoving(chi)
+    z = cosmology.redshift_from_comoving(chi)
     lm_d = h_lm[rows][hd]
     if "r200c" in halos.columns:
         r200 = halos["r200c"].to_numpy(float)[rows][hd]
@@ -153,14 +152,18 @@ def diagrams_from_box(
         np.zeros(nd, bool),
     )
     first = np.cumsum(nsl) - nsl
+    # the central (brightest) galaxy of every host, found once: hosts sorted, brightest first
+    order = np.lexsort((g_mag, g_host))
+    host_sorted = g_host[order]
     for i, r in enumerate(rows):
-        own = np.flatnonzero(g_host == h_id[r])
-        if own.size:
-            cen = own[np.argmin(g_mag[own])]
+        j = np.searchsorted(host_sorted, h_id[r])
+        if j < host_sorted.size and host_sorted[j] == h_id[r]:
+            cen = order[j]
             c_pos, c_vel = g_pos[cen], g_vel[cen]
         else:
             c_pos, c_vel = h_pos[r], h_vel[r]
         gi = np.asarray(g_tree.query_ball_point(c_pos, reach), dtype=np.int64)
+        mem = g_host[gi] == h_id[r]  # the same for every sight line
         hi = np.asarray(h_tree.query_ball_point(c_pos, reach), dtype=np.int64)
         hi = hi[(hi != r) & (h_lm[hi] >= sim.halo_log_m_min)]
         dpos = rel(g_pos[gi], c_pos) / a_fac
@@ -174,7 +177,6 @@ def diagrams_from_box(
             v = to_sightline_frame(dvel, bsis)
             obs = observe(p, v, g_mag[gi], np.full(gi.size, d), z, chi, window, sim.mag_limit)
             keep = obs["keep"]
-            mem = g_host[gi] == h_id[r]
             n_gal[d] = keep.sum()
             n_mem[d] = (keep & mem).sum()
             gal_parts.append(

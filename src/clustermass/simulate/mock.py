@@ -24,7 +24,6 @@ from .observe import (
     los_depth,
     observe,
     observer_distance,
-    redshift_from_comoving,
     to_sightline_frame,
 )
 
@@ -66,7 +65,7 @@ def simulate_chunk(
     diagram_id = halos["first_diagram"].to_numpy(np.int64)[hd] + sl
     basis = hal.sightline_bases(nsl, rng)
     chi = observer_distance(nd, sim.distance_min, sim.distance_max, rng)
-    z = redshift_from_comoving(chi)
+    z = cosmology.redshift_from_comoving(chi)
     lm_d = lm_h[hd]
     r200 = cosmology.r200c(lm_d, z)
     v200 = cosmology.v200c(lm_d, z)

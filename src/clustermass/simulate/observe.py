@@ -27,15 +27,10 @@ def observer_distance(n: int, d_min: float, d_max: float, rng: np.random.Generat
     return (d_min**3 + u * (d_max**3 - d_min**3)) ** (1.0 / 3.0)
 
 
-def redshift_from_comoving(chi) -> np.ndarray:
-    """Cosmological redshift at comoving distance chi [h^-1 Mpc] (simulation cosmology)."""
-    return cosmology.redshift_from_comoving(chi)
-
-
 def distance_modulus(chi) -> np.ndarray:
     """m - (M - 5 log10 h) at comoving distance chi [h^-1 Mpc] (luminosity distance, no K-correction)."""
     chi = np.maximum(np.asarray(chi, dtype=float), 1e-3)
-    z = redshift_from_comoving(chi)
+    z = cosmology.redshift_from_comoving(chi)
     dl = chi * (1 + z)  # flat cosmology: D_L = (1+z) chi
     return 25.0 + 5.0 * np.log10(dl)
 
