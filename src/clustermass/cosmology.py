@@ -49,9 +49,10 @@ def r200c(log_m, z, cosmo: str = SIMULATION_COSMOLOGY):
     return _mass_so.M_to_R(10.0 ** np.asarray(log_m, dtype=float), np.asarray(z, dtype=float), "200c") / 1e3
 
 
-def v200c(log_m, z, cosmo: str = SIMULATION_COSMOLOGY):
-    """Circular velocity at R200c, sqrt(G M200c / R200c) [km/s]."""
-    return np.sqrt(G_KMS2_MPC_MSUN * 10.0 ** np.asarray(log_m, dtype=float) / r200c(log_m, z, cosmo))
+def v200c(log_m, z, cosmo: str = SIMULATION_COSMOLOGY, r200=None):
+    """Circular velocity at R200c, sqrt(G M200c / R200c) [km/s] (pass ``r200`` if already known)."""
+    r = r200c(log_m, z, cosmo) if r200 is None else np.asarray(r200, dtype=float)
+    return np.sqrt(G_KMS2_MPC_MSUN * 10.0 ** np.asarray(log_m, dtype=float) / r)
 
 
 def rho_c(z, cosmo: str = SIMULATION_COSMOLOGY):

@@ -29,17 +29,10 @@ from tqdm.auto import tqdm
 from . import cosmology
 from ._io import write_json_atomic
 from .errors import ClustermassError
+from .simulate import populate_halos
+from .simulate.observe import abs_mag_limit, distance_modulus
 
 FULL_SKY_DEG2 = 4.0 * np.pi * (180.0 / np.pi) ** 2
-
-
-def _populate_function():
-    from . import simulate
-
-    fn = getattr(simulate, "populate_halos", None)
-    if fn is None:  # until the simulator package re-exports it
-        from .simulate.galaxies import populate_halos as fn
-    return fn
 
 
 def cap_directions(n: int, area_deg2: float, ra0: float, dec0: float, rng) -> np.ndarray:
@@ -152,13 +145,11 @@ def simulate_sky(area_deg2: float = 300.0, distance_max: float = 250.0, mag_limi
         z_h = cosmology.redshift_from_comoving(chi)
         nh = len(log_m)
     # faintest absolute magnitude visible at each halo (+0.1 mag for the depth of the halo)
-    d_l = np.maximum((1 + z_h) * chi, 1e-3)
-    m_abs_lim = np.minimum(mag_limit - 5 * np.log10(d_l) - 25 + 0.1, mag_abs_faintest)
-    populate = _populate_function()
+    m_abs_lim = np.minimum(abs_mag_limit(mag_limit, chi) + 0.1, mag_abs_faintest)
     parts = []
     for s in tqdm(range(0, nh, chunk), disable=not progress, desc="populating halos"):
         sl = slice(s, min(s + chunk, nh))
-        g = populate(log_m[sl], z_h[sl], rng, mag_limit_abs=m_abs_lim[sl])
+        g = populate_halos(log_m[sl], z_h[sl], rng, mag_limit_abs=m_abs_lim[sl])
         g["halo_index"] = g["halo_index"].to_numpy() + s
         parts.append(g)
     g = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(
@@ -172,7 +163,7 @@ def simulate_sky(area_deg2: float = 300.0, distance_max: float = 250.0, mag_limi
     v_los = np.sum(vel * ghat, axis=1)
     z_cos = cosmology.redshift_from_comoving(gchi)
     z_obs = (1.0 + z_cos) * (1.0 + v_los / cosmology.C_KMS) - 1.0
-    mag = g["abs_mag_r"].to_numpy(float) + 5 * np.log10((1.0 + z_cos) * gchi) + 25.0
+    mag = g["abs_mag_r"].to_numpy(float) + distance_modulus(gchi)
     ra, dec = _radec(gpos)
     central = g["is_central"].to_numpy(bool)
     # the survey footprint cuts galaxies too (halos near the edge lose part of their members)
@@ -229,7 +220,7 @@ def _clustered_neighbours(log_m_cl, pos_cl, vel_cl, z_cl, log_m_floor: float, rn
     if n == 0:
         return (np.zeros(0), np.zeros(0, np.int64)), np.zeros((0, 3)), np.zeros((0, 3))
     r200 = cosmology.r200c(log_m_cl, z_cl)
-    v200 = cosmology.v200c(log_m_cl, z_cl)
+    v200 = cosmology.v200c(log_m_cl, z_cl, r200=r200)
     conc = concentration(log_m_cl)
     depth = (2200.0 + 1500.0) / cosmology.hubble(z_cl)
     floor = np.full(n, log_m_floor)

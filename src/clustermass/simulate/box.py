@@ -130,7 +130,7 @@ def diagrams_from_box(
         r200 = halos["r200c"].to_numpy(float)[rows][hd]
     else:
         r200 = cosmology.r200c(lm_d, snapshot_redshift)
-    v200 = np.sqrt(cosmology.G_KMS2_MPC_MSUN * 10**lm_d / r200)
+    v200 = cosmology.v200c(lm_d, snapshot_redshift, r200=r200)
     depth = los_depth(z, window)
 
     g_tree = cKDTree(g_pos, boxsize=box_size)

@@ -292,8 +292,9 @@ def populate_halos(
         conc = concentration(lm) * 10 ** (CONC_SCATTER_DEX * rng.normal(size=lm.size))
     g = populate_scaled(lm, rng, mag_limit_abs, anisotropy, conc)
     z = np.broadcast_to(np.asarray(redshift, dtype=float), lm.shape)
-    r200 = cosmology.r200c(lm, z)[g["halo_index"]]
-    v200 = cosmology.v200c(lm, z)[g["halo_index"]]
+    r200_h = cosmology.r200c(lm, z)
+    r200 = r200_h[g["halo_index"]]
+    v200 = cosmology.v200c(lm, z, r200=r200_h)[g["halo_index"]]
     x = g["x"] * r200[:, None]
     v = g["v"] * v200[:, None]
     return pd.DataFrame(

@@ -68,7 +68,7 @@ def simulate_chunk(
     z = cosmology.redshift_from_comoving(chi)
     lm_d = lm_h[hd]
     r200 = cosmology.r200c(lm_d, z)
-    v200 = cosmology.v200c(lm_d, z)
+    v200 = cosmology.v200c(lm_d, z, r200=r200)
     conc_h = gal.concentration(lm_h) * 10 ** (gal.CONC_SCATTER_DEX * rng.normal(size=nh))
     conc_d = conc_h[hd]
     depth = los_depth(z, window)
@@ -119,7 +119,7 @@ def simulate_chunk(
     hi = ng["halo_index"]
     ngd = nbd[hi]
     nb_r200 = cosmology.r200c(nb_lm, z[nbd])
-    nb_v200 = cosmology.v200c(nb_lm, z[nbd])
+    nb_v200 = cosmology.v200c(nb_lm, z[nbd], r200=nb_r200)
     npos = nb_pos[hi] + ng["x"] * nb_r200[hi, None]
     nvel = nb_vel[hi] + ng["v"] * nb_v200[hi, None]
 
