@@ -17,6 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from .errors import ConfigError
 
 ModelKind = Literal["cnn3d", "cnn2d", "cnn1d"]
+#: dimensions of each network's input: (x, y, v), (R_proj, v), (v)
+KIND_DIMS: dict[str, int] = {"cnn3d": 3, "cnn2d": 2, "cnn1d": 1}
 SPLITS = ("train", "test", "eval")
 
 

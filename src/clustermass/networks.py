@@ -24,10 +24,10 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from .config import KIND_DIMS
 from .errors import ConfigError
 
 #: spatial dimensions of each model kind
-KIND_DIMS = {"cnn3d": 3, "cnn2d": 2, "cnn1d": 1}
 
 _DEFAULTS = {
     "cnn3d": {"filters": (12, 8, 4), "kernels": (5, 3, 1), "dense": (128, 64), "dense_activation": None},

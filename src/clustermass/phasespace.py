@@ -55,10 +55,10 @@ from typing import Any
 import numpy as np
 
 from ._io import atomic_write
-from .config import KDEConfig, WindowConfig
+from .config import KIND_DIMS, KDEConfig, WindowConfig
 from .errors import CatalogueError, ClustermassError
 
-KINDS = ("cnn3d", "cnn2d", "cnn1d")
+KINDS = tuple(KIND_DIMS)
 #: largest cross-term exponent |C| on one tile, per dtype (keeps every factor in range)
 _C_MAX = {"float64": 360.0, "float32": 25.0}
 _DEFAULT_RTOL = 1e-6
@@ -78,7 +78,7 @@ def grid_shape(kind: str, n_grid: int) -> tuple[int, ...]:
 def _kind_dim(kind: str) -> int:
     if kind not in KINDS:
         raise ClustermassError(f"unknown diagram kind {kind!r}; choose one of {', '.join(KINDS)}")
-    return {"cnn3d": 3, "cnn2d": 2, "cnn1d": 1}[kind]
+    return KIND_DIMS[kind]
 
 
 def diagram_limits(kind: str, window: WindowConfig) -> tuple[np.ndarray, np.ndarray]:

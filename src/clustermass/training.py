@@ -36,7 +36,7 @@ from torch import nn
 
 from ._io import atomic_write, write_json_atomic
 from .catalog import Catalogue
-from .config import KDEConfig, TrainingConfig, WindowConfig
+from .config import KIND_DIMS, KDEConfig, TrainingConfig, WindowConfig
 from .errors import BundleError, ClustermassError, ConfigError
 from .networks import build_network, count_parameters, default_arch
 
@@ -436,7 +436,7 @@ def train_model(
 
     # ---- data
     device = torch.device("cuda") if cuda else torch.device("cpu")
-    n_cells = kde.n_grid ** {"cnn3d": 3, "cnn2d": 2, "cnn1d": 1}[kind]
+    n_cells = kde.n_grid ** KIND_DIMS[kind]
     cache_gb = (len(train_rows) + len(val_rows)) * n_cells * 4 / 1e9
     # sky-plane symmetries change only the 3D cubes; (R_proj, v) and v are invariant
     augment = training.augment if kind == "cnn3d" else "none"
