@@ -109,6 +109,26 @@ def test_interpolated_equals_exact(calibrated):
     assert np.mean(err[:, 0] < 2e-5) > 0.98  # MAP (may differ only where two modes tie)
 
 
+def test_cells_failing_interp_tol_are_computed_exactly(monkeypatch):
+    """After the last halving, cells whose midpoint check still fails go to the exact path."""
+    import clustermass.posterior as cp
+
+    monkeypatch.setattr(cp, "_MAX_HALVINGS", 0)  # no refinement: some cells must fail 1e-7
+    d, m = _synthetic(800, seed=1, skew=0.1)
+    post = JointKDEPosterior(interp_tol=1e-7).fit(d, m)
+    dq = np.random.default_rng(0).uniform(*post.d_range_, 2000)
+    it = post.summarize(dq, method="interpolate")
+    ex = post.summarize(dq, method="exact")
+    n_bad = sum(int(bad.sum()) for *_, bad in post._nodes)
+    n_cells = sum(bad.size for *_, bad in post._nodes)
+    assert 0 < n_bad < n_cells
+    assert post.interp_error_ <= post.interp_tol
+    cols = ["log_m_median", "log_m_mean", "log_m_lo1", "log_m_hi1", "log_m_lo2", "log_m_hi2"]
+    err = np.abs(ex[cols].to_numpy() - it[cols].to_numpy()).max(1)
+    assert err.max() < 2 * post.interp_tol  # plain splines here err by ~3e-7
+    assert np.any(err < 1e-12)  # the d in failed cells were computed exactly
+
+
 def test_out_of_range_returns_edge_posterior(calibrated):
     post = calibrated
     (lo, hi), = post.valid_intervals_
@@ -164,6 +184,9 @@ def test_calibration_on_synthetic_data_with_known_posterior(calibrated):
     assert met["max_coverage_deviation"] < 0.04
     assert met["pit_ks_pvalue"] > 0.01
     assert met["tarp_max_deviation"] < 0.04
+    # the arrays behind the numbers come along (reused by the evaluation figures)
+    np.testing.assert_array_equal(met["pit"], pit_values(post, d, m))
+    assert met["tarp"]["max_deviation"] == met["tarp_max_deviation"] and met["tarp"]["ecp"].shape == (101,)
     # PIT histogram flat: every decile within 4 binomial sigma of 10%
     counts = np.histogram(pit_values(post, d, m), bins=10, range=(0, 1))[0] / m.size
     assert np.all(np.abs(counts - 0.1) < 4 * np.sqrt(0.09 / m.size))
@@ -196,6 +219,7 @@ def test_coverage_functions(calibrated):
     tab = coverage_by_mass(post, d, m, bins=3)
     assert list(tab.columns) == ["log_m_lo", "log_m_hi", "log_m_mid", "n", "coverage_68", "error_68", "coverage_95", "error_95"]
     assert tab.n.sum() == 1500
+    pd.testing.assert_frame_equal(coverage_by_mass(post, d, m, bins=3, pit=pit_values(post, d, m)), tab)
     assert np.all(np.abs(tab.coverage_68 - 0.68) < 4 * tab.error_68 + 0.02)
     t = tarp_test(post, d, m, seed=3)
     assert t["ecp"].shape == t["alpha"].shape and t["credibility"].min() >= 0

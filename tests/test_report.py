@@ -61,6 +61,11 @@ def test_report_is_self_contained_and_complete(run_dir):
     assert table.count("<tr") == 4
     assert '<tr class="primary"><td>cnn3d</td>' in table
     assert "0.040 &plusmn; 0.004" in table and "0.220" in table
+    # sigma_N and sigma_0 columns appear once each (the +/- columns), header and rows alike
+    head = table.split("</tr>")[0]
+    assert head.count("<th>") == head.count("</th>") and head.count("&sigma;<sub>N</sub>") == 1
+    assert head.count("&sigma;<sub>0</sub>") == 1
+    assert all(r.count("<td") == head.count("<th") for r in table.split("</tr>")[1:-1])
     assert "<table id=\"contamination\">" in text and "0.084" in text
     # config, timings, versions; user text escaped
     assert "seed: 7" in text and "train_cnn3d_s" in text

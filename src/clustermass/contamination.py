@@ -66,8 +66,12 @@ def phase_space_distance(dx, dy, dv, log_m1, log_m2, z, cosmo: str = cosmology.S
     ndarray
         Dimensionless distance.
     """
-    r_av = 0.5 * (cosmology.r200c(log_m1, z, cosmo) + cosmology.r200c(log_m2, z, cosmo))
-    v_av = 0.5 * (cosmology.v200c(log_m1, z, cosmo) + cosmology.v200c(log_m2, z, cosmo))
+    log_m1, log_m2 = np.asarray(log_m1, dtype=float), np.asarray(log_m2, dtype=float)
+    r1, r2 = cosmology.r200c(log_m1, z, cosmo), cosmology.r200c(log_m2, z, cosmo)
+    # v200c = sqrt(G M / R200c) as in cosmology.v200c, reusing R200c (h^-1 cancels)
+    g = cosmology.G_KMS2_MPC_MSUN
+    r_av = 0.5 * (r1 + r2)
+    v_av = 0.5 * (np.sqrt(g * 10.0**log_m1 / r1) + np.sqrt(g * 10.0**log_m2 / r2))
     dx, dy, dv = (np.asarray(a, dtype=float) for a in (dx, dy, dv))
     return np.sqrt((dx / r_av) ** 2 + (dy / r_av) ** 2 + (dv / v_av) ** 2)
 

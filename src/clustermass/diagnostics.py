@@ -90,7 +90,7 @@ def coverage_curve(posterior, d_obs, log_m_true, levels=None) -> np.ndarray:
     return coverage_from_pit(pit_values(posterior, d_obs, log_m_true), levels)
 
 
-def coverage_by_mass(posterior, d_obs, log_m_true, bins=6, levels=(0.68, 0.95)) -> pd.DataFrame:
+def coverage_by_mass(posterior, d_obs, log_m_true, bins=6, levels=(0.68, 0.95), pit=None) -> pd.DataFrame:
     """Coverage of central intervals in bins of true mass.
 
     Parameters
@@ -100,6 +100,9 @@ def coverage_by_mass(posterior, d_obs, log_m_true, bins=6, levels=(0.68, 0.95)) 
         Number of equal-width bins over the range of ``log_m_true``, or bin edges [dex].
     levels : sequence of float
         Credibility levels.
+    pit : array_like, optional
+        Precomputed :func:`pit_values` of the same ``(d_obs, log_m_true)`` (one per finite
+        pair); computed here if None.
 
     Returns
     -------
@@ -108,7 +111,12 @@ def coverage_by_mass(posterior, d_obs, log_m_true, bins=6, levels=(0.68, 0.95)) 
         plus ``error_<...>``, the binomial standard error of each coverage.
     """
     d, m = _pairs(d_obs, log_m_true)
-    pit = np.clip(posterior.cdf(d, m), 0.0, 1.0)
+    if pit is None:
+        pit = pit_values(posterior, d, m)
+    else:
+        pit = np.asarray(pit, dtype=float).ravel()
+        if pit.shape != m.shape:
+            raise DiagnosticsError(f"pit has {pit.size} values, expected one per finite pair ({m.size})")
     edges = np.linspace(m.min(), m.max(), int(bins) + 1) if np.ndim(bins) == 0 else np.asarray(bins, float)
     if edges.size < 2 or np.any(np.diff(edges) <= 0):
         raise DiagnosticsError("bins must be a positive count or increasing edges")
@@ -191,11 +199,13 @@ def calibration_metrics(posterior, d_obs, log_m_true, levels=None, seed: int = 0
         ``n``; ``coverage_68`` and ``coverage_95``: fractions of truths inside [lo1, hi1] and
         [lo2, hi2] (nominal ``nominal_68`` = 0.6826, ``nominal_95`` = 0.9545);
         ``max_coverage_deviation`` over ``levels``; ``pit_ks_statistic``, ``pit_ks_pvalue``
-        (uniformity of the PIT); ``tarp_max_deviation``.
+        (uniformity of the PIT); ``tarp_max_deviation``. Also the arrays behind them, for
+        figures (drop them before writing JSON): ``pit`` (:func:`pit_values` of the finite pairs)
+        and ``tarp`` (the :func:`tarp_test` dict).
     """
     d, m = _pairs(d_obs, log_m_true)
     levels = np.linspace(0, 1, 101) if levels is None else np.asarray(levels, float)
-    pit = np.clip(posterior.cdf(d, m), 0.0, 1.0)
+    pit = pit_values(posterior, d, m)
     cov = coverage_from_pit(pit, levels)
     ks = stats.kstest(pit, "uniform")
     tarp = tarp_test(posterior, d, m, levels=levels, seed=seed)
@@ -209,4 +219,6 @@ def calibration_metrics(posterior, d_obs, log_m_true, levels=None, seed: int = 0
         "pit_ks_statistic": float(ks.statistic),
         "pit_ks_pvalue": float(ks.pvalue),
         "tarp_max_deviation": tarp["max_deviation"],
+        "pit": pit,
+        "tarp": tarp,
     }

@@ -9,7 +9,10 @@ Conventions (docs/design.md):
   for the classical baselines ``d_pred`` is not an M200c estimate and ``eps_raw`` is only
   informative for the networks).
 * coverage: fraction of clusters whose true mass lies inside the central 68.27% (``lo1..hi1``)
-  and 95.45% (``lo2..hi2``) posterior intervals.
+  and 95.45% (``lo2..hi2``) posterior intervals. ``max_coverage_deviation`` is the largest
+  |coverage - level| over 101 levels in [0, 1] from the posterior CDF at the truth
+  (:func:`clustermass.diagnostics.calibration_metrics`; NaN without a posterior);
+  ``max_coverage_deviation_68_95`` is the same over the two summary intervals only.
 * richness dependence (paper eq. 7): residuals about the best-fit power law
   ``d_pred = a + b log M_true``, expressed in dex of true mass (divided by ``b``), fitted with
   ``sigma^2 = sigma_N^2 (N_mem/100)^-1 + sigma_0^2`` by maximum likelihood (Gaussian residuals,
@@ -104,7 +107,11 @@ def binned_statistics(x, y, edges) -> pd.DataFrame:
 
 
 def coverage_from_summary(summary: pd.DataFrame, log_m_true) -> dict:
-    """Empirical coverage of the 1- and 2-sigma posterior intervals of a summary table."""
+    """Empirical coverage of the 1- and 2-sigma posterior intervals of a summary table.
+
+    Returns ``coverage_68``, ``coverage_95`` and ``max_coverage_deviation_68_95`` (the larger
+    deviation from nominal of the two levels; not the all-level ``max_coverage_deviation``).
+    """
     t = np.asarray(log_m_true, float)
     lo1, hi1 = summary["log_m_lo1"].to_numpy(float), summary["log_m_hi1"].to_numpy(float)
     lo2, hi2 = summary["log_m_lo2"].to_numpy(float), summary["log_m_hi2"].to_numpy(float)
@@ -114,7 +121,7 @@ def coverage_from_summary(summary: pd.DataFrame, log_m_true) -> dict:
     return {
         "coverage_68": c68,
         "coverage_95": c95,
-        "max_coverage_deviation": float(max(abs(c68 - NOMINAL_68), abs(c95 - NOMINAL_95))),
+        "max_coverage_deviation_68_95": float(max(abs(c68 - NOMINAL_68), abs(c95 - NOMINAL_95))),
     }
 
 
@@ -252,14 +259,19 @@ def model_metrics(log_m_true, n_mem, summary: pd.DataFrame, posterior=None, rich
         Posterior summary aligned with ``log_m_true`` (``SUMMARY_COLUMNS``); rows with NaN
         ``log_m_median`` count as failures.
     posterior : JointKDEPosterior, optional
-        When given (and :mod:`clustermass.posterior` offers ``calibration_metrics``), the
-        coverage and its maximum deviation over all levels come from it.
+        When given, ``coverage_68/95``, ``max_coverage_deviation`` (over 101 levels),
+        ``pit_ks_pvalue`` and ``tarp_max_deviation`` come from its CDF at the truth
+        (:func:`clustermass.diagnostics.calibration_metrics`); without it the coverages come from
+        the summary intervals and ``max_coverage_deviation`` is NaN.
 
     Returns
     -------
     dict
-        ``METRIC_KEYS`` plus ``eps_median, eps_raw_mean, eps_raw_std, width_68, power_law_a,
-        power_law_b, scatter_power_law, n_failed, binned``.
+        ``METRIC_KEYS`` plus ``eps_median, eps_raw_mean, eps_raw_std, width_68,
+        max_coverage_deviation_68_95, coverage_source, power_law_a, power_law_b,
+        scatter_power_law, n_failed, binned``. With a posterior also ``_diagnostics``:
+        ``{"mask", "pit", "tarp"}`` (arrays for the figures; :func:`evaluate_predictions` pops
+        it before ``metrics.json`` is written).
     """
     t = np.asarray(log_m_true, float)
     missing = [c for c in SUMMARY_COLUMNS if c not in summary.columns]
@@ -282,14 +294,17 @@ def model_metrics(log_m_true, n_mem, summary: pd.DataFrame, posterior=None, rich
         if ok.any() else np.nan,
     }
     cov = coverage_from_summary(summary[ok], t[ok])
+    cov["max_coverage_deviation"] = np.nan  # all-level deviation needs the posterior CDF
     cov["coverage_source"] = "summary intervals (68/95 only)"
-    if posterior is not None and ok.any():
+    sel = ok & np.isfinite(d_pred)
+    if posterior is not None and sel.any():
         from .diagnostics import calibration_metrics
 
-        cm = calibration_metrics(posterior, d_pred[ok], t[ok])
+        cm = calibration_metrics(posterior, d_pred[sel], t[sel])
         keys = ("coverage_68", "coverage_95", "max_coverage_deviation", "pit_ks_pvalue", "tarp_max_deviation")
-        cov = {k: float(cm[k]) for k in keys}
+        cov.update({k: float(cm[k]) for k in keys})
         cov["coverage_source"] = "diagnostics.calibration_metrics (posterior CDF at the truth)"
+        out["_diagnostics"] = {"mask": sel, "pit": cm["pit"], "tarp": cm["tarp"]}
     out.update(cov)
     pl_resid, a, b = power_law_residuals(t[ok], d_pred[ok])
     fit = fit_richness_scatter(pl_resid, np.asarray(n_mem, float)[ok], method=richness_method)
@@ -401,6 +416,8 @@ def evaluate_predictions(
         name: model_metrics(t, n_mem, s.reset_index(drop=True), posteriors.get(name), richness_method)
         for name, s in results.items()
     }
+    # PIT/TARP arrays: reused by the figures, never written to metrics.json
+    diagnostics = {name: m.pop("_diagnostics", None) for name, m in models.items()}
     metrics: dict = {
         "split": split,
         "primary": primary,
@@ -420,13 +437,14 @@ def evaluate_predictions(
         out_dir = Path(out_dir)
         if figures:
             metrics["figures"] = _make_figures(catalogue, rows, results, t, n_mem, primary, contamination,
-                                               out_dir / "figures", window, kde, posteriors, models)
+                                               out_dir / "figures", window, kde, posteriors, models,
+                                               diagnostics.get(primary))
         write_json_atomic(out_dir / "metrics.json", metrics)
     return metrics
 
 
 def _make_figures(catalogue, rows, results, t, n_mem, primary, contamination, fig_dir, window, kde, posteriors,
-                  models):
+                  models, diag=None):
     from .plots import evaluation as pe
 
     made: dict[str, str] = {}
@@ -438,7 +456,7 @@ def _make_figures(catalogue, rows, results, t, n_mem, primary, contamination, fi
             log.warning("figure %s failed: %s", name, exc)
 
     _try("mass_distribution", lambda: pe.plot_mass_distribution(catalogue.clusters, fig_dir / "mass_distribution.png"))
-    example = int(rows[np.argmin(np.abs(t - np.nanmedian(t)))]) if len(rows) else 0
+    example = int(rows[np.nanargmin(np.abs(t - np.nanmedian(t)))]) if len(rows) else 0
     _try("example_diagram", lambda: pe.plot_example_diagram(catalogue, example, fig_dir / "example_diagram.png", window, kde))
     s = results[primary]
     _try("predictions", lambda: pe.plot_predictions(t, s, fig_dir / "predictions.png", label=primary))
@@ -456,29 +474,35 @@ def _make_figures(catalogue, rows, results, t, n_mem, primary, contamination, fi
             fig_dir / "contamination.png", label=primary))
     post = posteriors.get(primary)
     if post is not None:
-        _posterior_figures(post, s["d_pred"].to_numpy(float), t, fig_dir, _try)
+        _posterior_figures(post, s["d_pred"].to_numpy(float), t, fig_dir, _try, diag)
     return made
 
 
-def _posterior_figures(post, d_pred, t, fig_dir, _try) -> None:
-    """SBI diagnostics of the primary model (paper Fig. 4, coverage, PIT, per-mass coverage, TARP)."""
+def _posterior_figures(post, d_pred, t, fig_dir, _try, diag=None) -> None:
+    """SBI diagnostics of the primary model (paper Fig. 4, coverage, PIT, per-mass coverage, TARP).
+
+    ``diag``: ``model_metrics``' ``_diagnostics`` of this model (``mask`` of the pairs used,
+    their ``pit`` and ``tarp``), reused instead of recomputing; computed here if None.
+    """
     from . import diagnostics as dg
     from ._io import save_figure
     from .plots import posterior as pp
 
-    ok = np.isfinite(d_pred) & np.isfinite(t)
+    ok = diag["mask"] if diag is not None else np.isfinite(d_pred) & np.isfinite(t)
     d, m = d_pred[ok], t[ok]
     levels = np.linspace(0.0, 1.0, 101)
     cal = post.to_frame()
     _try("joint_pdf", lambda: save_figure(pp.plot_joint_pdf(post, cal["d_pred"].to_numpy(), cal["log_m_true"].to_numpy()),
                                           fig_dir / "joint_pdf.png"))
-    pit = dg.pit_values(post, d, m)
+    if not len(d):
+        return
+    pit = diag["pit"] if diag is not None else dg.pit_values(post, d, m)
     _try("coverage", lambda: save_figure(pp.plot_coverage(levels, dg.coverage_from_pit(pit, levels), n=len(d)),
                                          fig_dir / "coverage.png"))
     _try("pit", lambda: save_figure(pp.plot_pit(pit), fig_dir / "pit.png"))
-    _try("coverage_by_mass", lambda: save_figure(pp.plot_coverage_by_mass(dg.coverage_by_mass(post, d, m)),
+    _try("coverage_by_mass", lambda: save_figure(pp.plot_coverage_by_mass(dg.coverage_by_mass(post, d, m, pit=pit)),
                                                  fig_dir / "coverage_by_mass.png"))
-    tarp = dg.tarp_test(post, d, m, levels=levels)
+    tarp = diag["tarp"] if diag is not None else dg.tarp_test(post, d, m, levels=levels)
     _try("tarp", lambda: save_figure(pp.plot_tarp(tarp["alpha"], tarp["ecp"], n=len(d)), fig_dir / "tarp.png"))
     i = int(np.argmin(np.abs(m - np.median(m)))) if len(m) else None
     if i is not None:
@@ -490,7 +514,8 @@ def _posterior_figures(post, d_pred, t, fig_dir, _try) -> None:
 def calibrate_and_summarize(d_test, log_m_test, d_eval, bandwidth: float = 0.20):
     """Fit a joint-KDE posterior on (d_test, log_m_test) and summarise ``d_eval``.
 
-    Non-finite ``d`` values are left out of the fit and get all-NaN summary rows.
+    Non-finite ``d`` values are left out of the fit; non-finite ``d_eval`` get all-NaN summary
+    rows flagged ``out_of_range=True`` (as :meth:`JointKDEPosterior.summarize` does for any model).
 
     Returns
     -------
@@ -501,16 +526,8 @@ def calibrate_and_summarize(d_test, log_m_test, d_eval, bandwidth: float = 0.20)
     if ok.sum() < 10:
         raise ClustermassError(f"only {ok.sum()} calibration pairs with finite values (need >= 10)")
     post = JointKDEPosterior(bandwidth=bandwidth).fit(d_test[ok], log_m_test[ok])
-    fin = np.isfinite(d_eval)
-    if fin.any():
-        s = post.summarize(d_eval[fin]).reset_index(drop=True)
-        s.index = np.flatnonzero(fin)
-        summary = s.reindex(np.arange(len(d_eval)))
-    else:
-        summary = pd.DataFrame(np.nan, index=np.arange(len(d_eval)), columns=list(SUMMARY_COLUMNS))
-    summary["d_pred"] = d_eval
-    if "out_of_range" in summary.columns:
-        summary["out_of_range"] = summary["out_of_range"].astype(object).where(fin, False).astype(bool)
+    # NaN d_eval -> all-NaN row flagged out_of_range=True, as for the networks' summaries
+    summary = post.summarize(d_eval)
     return summary, post
 
 

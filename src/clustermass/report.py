@@ -44,6 +44,7 @@ FIGURE_CAPTIONS = {
     "loss_curve": "Training and validation loss per epoch.",
 }
 
+#: Scalar columns of the comparison table; the eq.-7 fits (value +/- error) follow them.
 TABLE_COLUMNS = [
     ("eps_mean", "&lang;&epsilon;&rang; [dex]", "{:+.3f}"),
     ("eps_std", "&sigma;<sub>&epsilon;</sub> [dex]", "{:.3f}"),
@@ -52,8 +53,6 @@ TABLE_COLUMNS = [
     ("coverage_68", "coverage 68%", "{:.3f}"),
     ("coverage_95", "coverage 95%", "{:.3f}"),
     ("max_coverage_deviation", "max coverage dev.", "{:.3f}"),
-    ("sigma_N", "&sigma;<sub>N</sub> [dex]", "{:.3f}"),
-    ("sigma_0", "&sigma;<sub>0</sub> [dex]", "{:.3f}"),
     ("n_eval", "N", "{:d}"),
     ("n_failed", "failed", "{:d}"),
 ]
@@ -104,13 +103,11 @@ def comparison_table(metrics: dict) -> str:
     """HTML method-comparison table: one row per model/baseline."""
     models = metrics.get("models") or {}
     primary = metrics.get("primary")
-    head = "".join(f"<th>{lab}</th>" for key, lab, _ in TABLE_COLUMNS if key not in ("sigma_N", "sigma_0"))
+    head = "".join(f"<th>{lab}</th>" for _, lab, _ in TABLE_COLUMNS)
     head = "<tr><th>method</th>" + head + "<th>&sigma;<sub>N</sub> [dex]</th><th>&sigma;<sub>0</sub> [dex]</th></tr>"
     rows = []
     for name, m in models.items():
-        cells = "".join(
-            f"<td>{_fmt(m.get(key), fmt)}</td>" for key, _, fmt in TABLE_COLUMNS if key not in ("sigma_N", "sigma_0")
-        )
+        cells = "".join(f"<td>{_fmt(m.get(key), fmt)}</td>" for key, _, fmt in TABLE_COLUMNS)
         cls = ' class="primary"' if name == primary else ""
         rows.append(f"<tr{cls}><td>{html.escape(name)}</td>{cells}<td>{_pm(m, 'sigma_N')}</td><td>{_pm(m, 'sigma_0')}</td></tr>")
     return f'<table id="comparison">{head}{"".join(rows)}</table>'

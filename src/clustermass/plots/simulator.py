@@ -13,15 +13,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from .. import cosmology  # noqa: E402
+from ..baselines import evrard_sigma  # noqa: E402  (also P.evrard_sigma for scripts/simulator_checks.py)
 
 MASS_LABEL = r"$\log_{10} M_{200c}\ [h^{-1}\,M_\odot]$"
-
-
-def evrard_sigma(log_m, z=0.0):
-    """Evrard et al. (2008) DM velocity dispersion [km/s] of log10 M200c [h^-1 Msun] at z."""
-    ez = cosmology.use(cosmology.SIMULATION_COSMOLOGY).Ez(np.asarray(z, dtype=float))
-    return 1082.9 * (ez * 10 ** (np.asarray(log_m, dtype=float) - 15.0)) ** 0.3361
 
 
 def member_dispersion(cat, min_members: int = 10):
