@@ -97,7 +97,7 @@ def main() -> None:
     }
     if args.model is not None:
         from clustermass import load_model
-        from clustermass.sky import infer_sky
+        from clustermass.inference import infer_sky
 
         bundle = load_model(args.model)
         t = time.perf_counter()

@@ -29,11 +29,13 @@ import pandas as pd
 import torch
 
 from clustermass._io import write_json_atomic
+from clustermass.bundle import channels_last as _channels_last
+from clustermass.bundle import memory_format as _memory_format
 from clustermass.catalog import Catalogue
 from clustermass.config import KDEConfig, TrainingConfig, WindowConfig
 from clustermass.networks import build_network
 from clustermass.phasespace import PhaseSpaceDataset
-from clustermass.training import _channels_last, _memory_format, build_inputs, train_model
+from clustermass.training import build_inputs, train_model
 
 RESULTS = Path(__file__).parent / "results" / "train.json"
 

@@ -57,3 +57,39 @@ def test_bad_preset_and_override(tmp_path):
     assert res.returncode == 2 and "unknown preset" in res.stderr
     res = cli("run", "--set", "training.lr=-3", "--out", str(tmp_path / "r"))
     assert res.returncode == 2 and "training.lr" in res.stderr
+
+
+def _one_line_usage_error(res):
+    assert res.returncode == 2, (res.returncode, res.stderr)
+    assert "Traceback" not in res.stderr + res.stdout
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), res.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("args, words", [
+    ((), "no command"),
+    (("--bogus",), "--bogus"),
+    (("estimate",), "estimate"),
+    (("infer",), "--model"),
+    (("simulate", "--out", "x", "--seed", "-1"), "seed"),
+    (("train", "--data", "d", "--out", "o", "--epochs", "abc"), "epochs"),
+    (("infer", "--model", "m", "--out", "o", "--bogus"), "--bogus"),
+])
+def test_usage_errors_are_one_line(args, words):
+    """Usage errors need no click install: typer's own exceptions are handled (fresh venv)."""
+    line = _one_line_usage_error(cli(*args))
+    assert words in line
+
+
+def test_seed_must_be_non_negative_in_config(tmp_path):
+    res = cli("simulate", "--out", str(tmp_path / "c"), "--set", "seed=-1")
+    assert "seed" in _one_line_usage_error(res)
+
+
+@pytest.mark.parametrize("command", ["simulate", "train", "calibrate", "evaluate", "infer", "compare",
+                                     "massfunction", "run"])
+def test_every_command_routes_preset_config_set(command):
+    out = cli(command, "--help").stdout
+    for opt in ("--preset", "--config", "--set"):
+        assert opt in out, (command, opt)

@@ -180,7 +180,11 @@ def test_interrupted_run_resumes_like_an_uninterrupted_run(cat, tmp_path, monkey
 def test_tampered_or_mismatched_bundle_is_refused(trained, tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from clustermass.training import _sha256, load_model
+    from clustermass.bundle import _sha256, integrity_hash, load_model
+
+    def reseal(meta):  # a consistent model.json, to reach the checks behind the integrity hash
+        meta["integrity"] = integrity_hash(meta)
+        return json.dumps(meta)
 
     bundle, _ = trained
     d = bundle.save(tmp_path / "b")
@@ -196,14 +200,14 @@ def test_tampered_or_mismatched_bundle_is_refused(trained, tmp_path):
     w.write_bytes(good_w[:100])  # truncated file with a matching checksum
     meta = json.loads(good_m)
     meta["weights"]["sha256"] = _sha256(w)
-    m.write_text(json.dumps(meta))
+    m.write_text(reseal(meta))
     with pytest.raises(BundleError, match="cannot read"):
         load_model(d)
 
     w.write_bytes(good_w)
     meta = json.loads(good_m)
     meta["architecture"]["arch"]["filters"] = [6, 8, 4]  # config no longer matches the weights
-    m.write_text(json.dumps(meta))
+    m.write_text(reseal(meta))
     with pytest.raises(BundleError, match="shape mismatch"):
         load_model(d)
 
@@ -212,7 +216,7 @@ def test_tampered_or_mismatched_bundle_is_refused(trained, tmp_path):
     save_file(state, str(w))
     meta = json.loads(good_m)
     meta["weights"]["sha256"] = _sha256(w)
-    m.write_text(json.dumps(meta))
+    m.write_text(reseal(meta))
     with pytest.raises(BundleError, match="missing"):
         load_model(d)
 
@@ -223,8 +227,45 @@ def test_tampered_or_mismatched_bundle_is_refused(trained, tmp_path):
         load_model(tmp_path / "nope")
 
 
+@pytest.mark.parametrize("edit", ["n_grid", "r_max", "v_max", "bandwidth", "input_scale", "target"])
+def test_edited_preprocessing_is_refused(trained, tmp_path, edit):
+    """The preprocessing a network was trained with is part of what the checksum protects."""
+    from clustermass.bundle import load_model
+
+    bundle, _ = trained
+    d = bundle.save(tmp_path / "b")
+    assert load_model(d).kde.n_grid == bundle.kde.n_grid
+    meta = json.loads((d / "model.json").read_text())
+    pre = meta["preprocessing"]
+    if edit == "n_grid":
+        pre["kde"]["n_grid"] -= 1
+        meta["architecture"]["n_grid"] -= 1
+    elif edit in ("r_max", "v_max"):
+        pre["window"][edit] *= 1.5
+    elif edit == "target":
+        pre["target"]["mean"] += 0.1
+    else:
+        pre["kde"][edit] *= 2
+    (d / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(BundleError, match="edited after training"):
+        load_model(d)
+
+
+def test_old_bundle_without_integrity_is_refused(trained, tmp_path):
+    from clustermass.bundle import load_model
+
+    bundle, _ = trained
+    d = bundle.save(tmp_path / "b")
+    meta = json.loads((d / "model.json").read_text())
+    meta.pop("integrity")
+    meta["format_version"] = 1
+    (d / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(BundleError, match="older clustermass"):
+        load_model(d)
+
+
 def test_calibration_is_stored_with_the_bundle(trained, cat, tmp_path):
-    from clustermass.training import load_model
+    from clustermass.bundle import load_model
 
     bundle, _ = trained
     d = bundle.save(tmp_path / "cal")

@@ -12,8 +12,8 @@ from .config import RunConfig, load_config  # noqa: E402
 
 
 def load_model(path):
-    """Load a model bundle (``weights.safetensors`` + ``model.json``); see :mod:`clustermass.training`."""
-    from .training import load_model as _load
+    """Load a model bundle (``weights.safetensors`` + ``model.json``); see :mod:`clustermass.bundle`."""
+    from .bundle import load_model as _load
 
     return _load(path)
 

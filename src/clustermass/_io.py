@@ -82,3 +82,19 @@ def save_figure(fig, path: str | os.PathLike, dpi: int = 120) -> Path:
         return atomic_write(path, _w)
     finally:
         plt.close(fig)
+
+
+def guard_output(path: str | os.PathLike, existing: Any, wanted: Any, overwrite: bool, what: str) -> None:
+    """Refuse to replace ``path`` (an artefact made from other inputs) unless ``overwrite``.
+
+    ``existing`` identifies what ``path`` holds now (None: nothing there yet, free to write);
+    ``wanted`` identifies what is about to be written. Rerunning the same thing in place is allowed.
+    """
+    from .errors import OutputExistsError
+
+    if existing is None or overwrite or existing == wanted:
+        return
+    raise OutputExistsError(
+        f"{path} already holds {what} made from other inputs or settings; "
+        "choose another output or pass overwrite (--overwrite) to replace it"
+    )

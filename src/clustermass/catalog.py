@@ -128,6 +128,12 @@ class Catalogue:
             if not np.isfinite(vals).all():
                 bad = self.galaxies["diagram_id"].to_numpy()[~np.isfinite(vals)][:5]
                 raise CatalogueError(f"galaxies column {col!r} has NaN/inf values (diagram_id {bad.tolist()})")
+        for col in ("n_gal", "n_mem"):
+            vals = self.clusters[col].to_numpy()
+            low = -1 if col == "n_mem" else 0
+            if len(vals) and vals.min() < low:
+                bad = self.clusters["diagram_id"].to_numpy()[vals < low][:5]
+                raise CatalogueError(f"clusters column {col!r} must be >= {low} (diagram_id {bad.tolist()})")
 
     # ------------------------------------------------------------------ access
     def __len__(self) -> int:
@@ -277,7 +283,43 @@ def read_catalogue(directory: str | Path) -> Catalogue:
         raise CatalogueError(f"cannot read catalogue in {directory}: {exc}") from exc
     md = cl_table.schema.metadata or {}
     meta = json.loads(md.get(b"clustermass.meta", b"{}"))
-    return Catalogue(clusters, galaxies, halos, meta)
+    for name, path in paths.items():
+        if path.is_file():
+            check_declared_units(units_of(path), f"{name}.parquet")
+    cat = Catalogue(clusters, galaxies, halos, meta)
+    warn_implausible_units(cat.galaxies)
+    return cat
+
+
+def check_declared_units(declared: dict, what: str) -> None:
+    """Refuse columns whose declared unit differs from the catalogue format's (e.g. kpc, m/s)."""
+    for col, unit in declared.items():
+        want = UNITS.get(col)
+        if want is not None and unit and unit != want:
+            raise CatalogueError(f"{what}: column {col!r} is in {unit!r}, the catalogue format needs "
+                                 f"{want!r}; convert it (SCIENCE.md units)")
+
+
+#: typical scale of the galaxy columns in their units, and what a wrong unit would give
+_PLAUSIBLE = {"x_proj": (20.0, "h^-1 Mpc", "kpc"), "y_proj": (20.0, "h^-1 Mpc", "kpc"),
+              "v_los": (2.0e4, "km/s", "m/s")}
+
+
+def warn_implausible_units(galaxies: pd.DataFrame) -> None:
+    """Warn when the spread of positions or velocities is implausible for the declared units.
+
+    Phase-space windows are a few h^-1 Mpc and a few thousand km/s wide; a median |value| far
+    above that means kpc instead of Mpc or m/s instead of km/s.
+    """
+    import warnings
+
+    from .errors import UnitWarning
+
+    for col, (limit, unit, wrong) in _PLAUSIBLE.items():
+        vals = galaxies[col].to_numpy(dtype=float)
+        if len(vals) and np.median(np.abs(vals)) > limit:
+            warnings.warn(f"galaxies column {col!r} has median |value| {np.median(np.abs(vals)):.3g}, "
+                          f"implausible in {unit} (is it in {wrong}?)", UnitWarning, stacklevel=3)
 
 
 def units_of(path: str | Path) -> dict[str, str]:

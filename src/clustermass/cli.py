@@ -1,7 +1,9 @@
 """The ``clustermass`` command: a thin layer that parses, calls the API and prints.
 
-Errors caused by input (missing files, malformed catalogues, bad config) are printed on one
-line without a traceback and exit with status 2.
+Every command resolves its configuration the same way (``--preset``, then ``--config FILE``,
+then ``--set section.key=value``) and writes the resolved ``config.yaml`` next to its output.
+Errors caused by input (missing files, malformed catalogues, bad config, usage errors) are
+printed on one line without a traceback and exit with status 2.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from .errors import ClustermassError
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
+    pretty_exceptions_enable=False,
     help="Dynamical galaxy-cluster masses from projected phase space "
     "(3D KDE + CNN + simulation-based inference). Units: log10(M200c / h^-1 Msun), "
     "h^-1 Mpc (projected, proper), km/s.",
@@ -25,14 +28,24 @@ app = typer.Typer(
 Preset = Annotated[str, typer.Option(help="configuration preset: quick, paper, authors-public, tiny")]
 ConfigFile = Annotated[Path | None, typer.Option("--config", help="YAML/TOML/JSON file overriding the preset")]
 Sets = Annotated[list[str] | None, typer.Option("--set", help="override, e.g. --set training.max_epochs=3 (repeatable)")]
-Seed = Annotated[int | None, typer.Option(help="random seed (default: the preset's, 0)")]
+Seed = Annotated[int | None, typer.Option(min=0, help="random seed, a non-negative integer (default: the preset's, 0)")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars or log lines")]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="replace an output made from other inputs or settings")]
 
 
-def _config(preset: str, config: Path | None, sets: list[str] | None, seed: int | None, **updates):
+def _config(preset: str, config: Path | None, sets: list[str] | None, seed: int | None = None, **updates):
+    """The resolved configuration: preset < file < --set < command flags."""
     from .config import load_config
 
     return load_config(preset, config, sets or (), seed=seed, **updates)
+
+
+def _write_config(cfg, out: Path) -> None:
+    """``out/config.yaml``: the fully resolved configuration this command ran with."""
+    from ._io import write_text_atomic
+    from .config import dump_config
+
+    write_text_atomic(Path(out) / "config.yaml", dump_config(cfg))
 
 
 def _echo_dict(d: dict, indent: int = 0) -> None:
@@ -50,10 +63,11 @@ def simulate(
     preset: Preset = "quick",
     config: ConfigFile = None,
     set_: Sets = None,
-    n_diagrams: Annotated[int | None, typer.Option(help="total diagrams; split sizes keep the preset's proportions")] = None,
+    n_diagrams: Annotated[int | None, typer.Option(min=1, help="total diagrams; split sizes keep the preset's proportions")] = None,
     seed: Seed = None,
     sky: Annotated[bool, typer.Option("--sky", help="simulate a mock SKY (galaxy + cluster tables) instead of diagrams")] = False,
     area: Annotated[float, typer.Option(help="--sky: survey area [deg^2]")] = 500.0,
+    overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> None:
     """Simulate a mock catalogue of projected phase-space diagrams (or a mock sky with --sky)."""
@@ -68,13 +82,15 @@ def simulate(
         from .mocksky import write_mock_sky
 
         paths = write_mock_sky(out, area_deg2=area, sim=cfg.simulation, seed=cfg.seed, progress=not quiet)
+        _write_config(cfg, out)
         for p in paths:
             typer.echo(f"wrote {p}")
         return
     from .pipeline import simulate_stage
     from .simulate import summarize_catalogue
 
-    cat = simulate_stage(cfg, out, progress=not quiet)
+    cat = simulate_stage(cfg, out, progress=not quiet, overwrite=overwrite)
+    _write_config(cfg, out)
     _echo_dict(summarize_catalogue(cat))
     typer.echo(f"catalogue written to {out}")
 
@@ -87,8 +103,9 @@ def train(
     preset: Preset = "quick",
     config: ConfigFile = None,
     set_: Sets = None,
-    epochs: Annotated[int | None, typer.Option(help="maximum epochs (default: the preset's)")] = None,
+    epochs: Annotated[int | None, typer.Option(min=1, help="maximum epochs (default: the preset's)")] = None,
     seed: Seed = None,
+    overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> None:
     """Train a network on the catalogue's train split (validation drawn by halo) and save a bundle."""
@@ -97,7 +114,8 @@ def train(
 
     cfg = _config(preset, config, set_, seed, training__model=model, training__max_epochs=epochs)
     cat = read_catalogue(data)
-    bundle = train_stage(cfg, cat, cfg.training.model, out, progress=not quiet)
+    bundle = train_stage(cfg, cat, cfg.training.model, out, progress=not quiet, overwrite=overwrite)
+    _write_config(cfg, out)
     typer.echo(f"model bundle written to {out} (best val loss {bundle.meta.get('training', {}).get('best_val_loss')})")
 
 
@@ -113,15 +131,15 @@ def calibrate(
     quiet: Quiet = False,
 ) -> None:
     """Calibrate the SBI posterior: store (prediction, true mass) pairs of the test split in the bundle."""
+    from .bundle import load_model
     from .catalog import read_catalogue
     from .pipeline import calibrate_stage
-    from .training import load_model
 
     cfg = _config(preset, config, set_, None, calibration__bandwidth=bandwidth)
     bundle = load_model(model)
     cat = read_catalogue(data)
     calibrate_stage(bundle, cat, cfg.calibration, split=split, progress=not quiet)
-    typer.echo(f"calibration stored in {model}")
+    typer.echo(f"calibration stored in {model} (settings in its model.json)")
 
 
 @app.command()
@@ -129,14 +147,18 @@ def evaluate(
     model: Annotated[list[Path], typer.Option(help="calibrated bundle(s); the first is the primary model")],
     data: Annotated[Path, typer.Option(help="catalogue directory with an eval split")],
     out: Annotated[Path, typer.Option(help="output directory for metrics.json, posteriors, figures")],
-    baselines: Annotated[bool, typer.Option(help="also run the classical estimators")] = True,
+    baselines: Annotated[bool | None, typer.Option(help="also run the classical estimators (default: the preset's)")] = None,
+    preset: Preset = "quick",
+    config: ConfigFile = None,
+    set_: Sets = None,
     quiet: Quiet = False,
 ) -> None:
     """Evaluate calibrated models on the eval split: residuals, coverage, richness, contamination."""
+    from .bundle import load_model
     from .catalog import read_catalogue
     from .evaluation import evaluate as _evaluate
-    from .training import load_model
 
+    cfg = _config(preset, config, set_, None, evaluation__baselines=baselines)
     bundles = {}
     for p in model:
         b = load_model(p)
@@ -144,8 +166,9 @@ def evaluate(
             raise ClustermassError(f"two --model bundles of kind {b.kind!r}; give one per kind")
         bundles[b.kind] = b
     primary = next(iter(bundles))
-    metrics = _evaluate(bundles, read_catalogue(data), out, primary=primary, baselines=baselines,
-                        progress=not quiet)
+    metrics = _evaluate(bundles, read_catalogue(data), out, primary=primary,
+                        baselines=cfg.evaluation.baselines, progress=not quiet)
+    _write_config(cfg, out)
     _echo_dict({k: v for k, v in metrics.items() if not isinstance(v, dict | list)})
 
 
@@ -155,33 +178,52 @@ def infer(
     out: Annotated[Path, typer.Option(help="output directory (posteriors.parquet)")],
     data: Annotated[Path | None, typer.Option(help="a clustermass catalogue directory")] = None,
     galaxies: Annotated[Path | None, typer.Option(help="survey galaxy table (FITS/CSV/ECSV/VOTable/parquet)")] = None,
-    clusters: Annotated[Path | None, typer.Option(help="cluster list (id, RA, Dec, z)")] = None,
-    ra_col: Annotated[str, typer.Option(help="RA column [deg]")] = "ra",
-    dec_col: Annotated[str, typer.Option(help="Dec column [deg]")] = "dec",
-    z_col: Annotated[str, typer.Option(help="redshift column")] = "z",
+    clusters: Annotated[Path | None, typer.Option(help="cluster list (id, RA, Dec, z of the centre)")] = None,
+    ra_col: Annotated[str, typer.Option(help="RA column of both tables [deg, or the table's unit]")] = "ra",
+    dec_col: Annotated[str, typer.Option(help="Dec column of both tables [deg, or the table's unit]")] = "dec",
+    z_col: Annotated[str, typer.Option(help="redshift column of both tables")] = "z",
+    galaxy_ra_col: Annotated[str | None, typer.Option(help="RA column of the galaxy table (overrides --ra-col)")] = None,
+    galaxy_dec_col: Annotated[str | None, typer.Option(help="Dec column of the galaxy table (overrides --dec-col)")] = None,
+    galaxy_z_col: Annotated[str | None, typer.Option(help="redshift column of the galaxy table (overrides --z-col)")] = None,
+    cluster_ra_col: Annotated[str | None, typer.Option(help="RA column of the cluster table (overrides --ra-col)")] = None,
+    cluster_dec_col: Annotated[str | None, typer.Option(help="Dec column of the cluster table (overrides --dec-col)")] = None,
+    cluster_z_col: Annotated[str | None, typer.Option(help="redshift column of the cluster table (overrides --z-col)")] = None,
     id_col: Annotated[str, typer.Option(help="cluster id column")] = "id",
-    mag_col: Annotated[str | None, typer.Option(help="apparent r magnitude column (optional)")] = None,
+    mag_col: Annotated[str | None, typer.Option(help="apparent r magnitude column [mag] (optional)")] = None,
+    flux_col: Annotated[str | None, typer.Option(help="r-band flux column instead of --mag-col (converted to AB mag)")] = None,
+    flux_unit: Annotated[str, typer.Option(help="unit of --flux-col: nanomaggies (SDSS, DESI), Jy, uJy or nJy")] = "nanomaggies",
     mag_limit: Annotated[float | None, typer.Option(help="flux limit to apply [mag] (default: the model's)")] = None,
-    angle_unit: Annotated[str, typer.Option(help="unit of RA/Dec: deg or rad")] = "deg",
+    angle_unit: Annotated[str, typer.Option(help="unit of RA/Dec when the table does not say: deg or rad")] = "deg",
     authors_sdss: Annotated[Path | None, typer.Option(help="cluster list in the authors' public SDSS format (id, log M200c, error); --galaxies is then their galaxy file or folder")] = None,
+    strict: Annotated[bool, typer.Option("--strict", help="refuse (exit 2) if any cluster lies outside the model's training range")] = False,
     plots: Annotated[bool, typer.Option(help="write a posterior figure per cluster")] = False,
+    preset: Preset = "quick",
+    config: ConfigFile = None,
+    set_: Sets = None,
+    overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> None:
     """Posterior masses for a catalogue (--data) or for sky tables (--galaxies + --clusters)."""
     from .inference import infer_authors_sdss, infer_catalogue, infer_sky_tables
 
+    cfg = _config(preset, config, set_)
+    common = {"plots": plots, "progress": not quiet, "strict": strict, "overwrite": overwrite}
     if authors_sdss is not None:
         if galaxies is None:
             raise ClustermassError("--authors-sdss needs --galaxies (their galaxy file or folder)")
-        path = infer_authors_sdss(model, authors_sdss, galaxies, out, plots=plots, progress=not quiet)
+        path = infer_authors_sdss(model, authors_sdss, galaxies, out, **common)
     elif (data is None) == (galaxies is None or clusters is None):
         raise ClustermassError("give either --data DIR, or both --galaxies and --clusters")
     elif data is not None:
-        path = infer_catalogue(model, data, out, plots=plots, progress=not quiet)
+        path = infer_catalogue(model, data, out, **common)
     else:
-        path = infer_sky_tables(model, galaxies, clusters, out, ra_col=ra_col, dec_col=dec_col,
-                                z_col=z_col, id_col=id_col, mag_col=mag_col, mag_limit=mag_limit,
-                                angle_unit=angle_unit, plots=plots, progress=not quiet)
+        path = infer_sky_tables(
+            model, galaxies, clusters, out, ra_col=galaxy_ra_col or ra_col, dec_col=galaxy_dec_col or dec_col,
+            z_col=galaxy_z_col or z_col, cluster_ra_col=cluster_ra_col or ra_col,
+            cluster_dec_col=cluster_dec_col or dec_col, cluster_z_col=cluster_z_col or z_col, id_col=id_col,
+            mag_col=mag_col, flux_col=flux_col, flux_unit=flux_unit, mag_limit=mag_limit,
+            angle_unit=angle_unit, **common)
+    _write_config(cfg, out)
     typer.echo(f"posteriors written to {path}")
 
 
@@ -193,11 +235,18 @@ def compare(
     id_col: Annotated[str, typer.Option(help="id column of the reference table")] = "id",
     mass_col: Annotated[str, typer.Option(help="published log10 M200c column [h^-1 Msun]")] = "log_m200c",
     err_col: Annotated[str | None, typer.Option(help="published mass error column [dex]")] = None,
+    include_flagged: Annotated[bool, typer.Option("--include-flagged", help="keep clusters flagged edge / few_galaxies / outside_training_range / out_of_range")] = False,
+    preset: Preset = "quick",
+    config: ConfigFile = None,
+    set_: Sets = None,
 ) -> None:
     """Compare inferred masses with published ones: normalised contrast and figures (paper Fig. 9)."""
     from .inference import compare_tables
 
-    summary = compare_tables(posteriors, reference, out, id_col=id_col, mass_col=mass_col, err_col=err_col)
+    cfg = _config(preset, config, set_)
+    summary = compare_tables(posteriors, reference, out, id_col=id_col, mass_col=mass_col, err_col=err_col,
+                             include_flagged=include_flagged)
+    _write_config(cfg, out)
     _echo_dict(summary)
 
 
@@ -208,21 +257,26 @@ def massfunction(
     area: Annotated[float, typer.Option(help="survey area [deg^2] (SDSS: 8250)")] = 8250.0,
     distance_max: Annotated[float, typer.Option(help="maximum comoving distance [h^-1 Mpc]")] = 250.0,
     log_m_min: Annotated[float | None, typer.Option(help="completeness mass, marked on the figure")] = None,
-    n_boot: Annotated[int, typer.Option(help="bootstrap resamples for the 1-sigma band")] = 200,
+    n_boot: Annotated[int, typer.Option(min=1, help="bootstrap resamples for the 1-sigma band")] = 200,
+    preset: Preset = "quick",
+    config: ConfigFile = None,
+    set_: Sets = None,
     seed: Seed = None,
 ) -> None:
     """Cluster mass function from inferred masses vs Tinker et al. 2008 (Planck 2018) (paper Fig. 10)."""
     from .massfunction import write_mass_function
     from .sky import read_table
 
+    cfg = _config(preset, config, set_, seed)
     summary = write_mass_function(read_table(posteriors), out, area, distance_max, log_m_min=log_m_min,
-                                  n_boot=n_boot, seed=seed or 0)
+                                  n_boot=n_boot, seed=cfg.seed)
+    _write_config(cfg, out)
     _echo_dict({k: v for k, v in summary.items() if not isinstance(v, dict | list)})
 
 
 @app.command()
 def report(run_dir: Annotated[Path, typer.Argument(help="a run directory (from `run` or `evaluate`)")]) -> None:
-    """Build the self-contained report.html of a run directory."""
+    """Build the self-contained report.html of a run directory (its config.yaml is shown)."""
     from .report import build_report
 
     if not Path(run_dir).is_dir():
@@ -237,39 +291,64 @@ def run(
     config: ConfigFile = None,
     set_: Sets = None,
     seed: Seed = None,
+    overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> None:
     """The whole pipeline: simulate -> train -> calibrate (SBI) -> evaluate -> report."""
     from .pipeline import run_pipeline
 
     cfg = _config(preset, config, set_, seed)
-    metrics = run_pipeline(cfg, out, progress=not quiet)
+    metrics = run_pipeline(cfg, out, progress=not quiet, overwrite=overwrite)
     keys = ("eps_mean", "eps_std", "log_m_true_std", "coverage_68", "coverage_95", "sigma_N", "sigma_0")
     _echo_dict({k: metrics[k] for k in keys if k in metrics})
 
 
-def main() -> None:
-    """Entry point: run the typer app, turning user errors into one-line messages."""
-    try:
-        app(standalone_mode=False)
-    except ClustermassError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        sys.exit(2)
-    except (FileNotFoundError, NotADirectoryError, PermissionError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        sys.exit(2)
-    except typer.Abort:
-        typer.echo("aborted", err=True)
-        sys.exit(1)
-    except Exception as exc:  # click usage errors
-        import click
+#: library keyword -> command-line flag, where they differ (sky tables: galaxy vs cluster columns)
+_FLAG_OF = {"ra_col": "--galaxy-ra-col", "dec_col": "--galaxy-dec-col", "z_col": "--galaxy-z-col"}
 
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Exit):
-            sys.exit(exc.exit_code)
-        raise
+
+def _fail(message: str, code: int = 2) -> None:
+    typer.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+def _usage_hint(exc) -> str:
+    ctx = getattr(exc, "ctx", None)
+    path = ctx.command_path if ctx is not None else "clustermass"
+    return f" (see '{path} --help')"
+
+
+def _format_warning(message, category, filename, lineno, line=None) -> str:
+    return f"warning: {message}\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: run the typer app, turning user and usage errors into one-line messages
+    and warnings (out-of-distribution clusters, dropped rows, units) into ``warning:`` lines."""
+    import warnings
+
+    warnings.formatwarning = _format_warning
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv:
+        names = ", ".join(sorted(c.name or c.callback.__name__ for c in app.registered_commands))
+        _fail(f"no command given; one of: {names} (see 'clustermass --help')")
+    try:
+        app(args=argv, prog_name="clustermass", standalone_mode=False)
+    except typer.Exit as exc:  # --help and explicit exits
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        _fail("aborted", 1)
+    except ClustermassError as exc:
+        option = getattr(exc, "option", None)
+        flag = f" (command line: {_FLAG_OF.get(option, '--' + option.replace('_', '-'))})" if option else ""
+        _fail(f"{exc}{flag}")
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as exc:
+        _fail(str(exc))
+    except typer.TyperException as exc:  # usage errors: unknown option or command, bad value, missing option
+        message = " ".join(exc.format_message().split())
+        _fail(f"{message}{_usage_hint(exc)}", getattr(exc, "exit_code", 2) or 2)
+    except KeyboardInterrupt:
+        _fail("interrupted; outputs written so far are complete files (rerun to resume)", 130)
 
 
 if __name__ == "__main__":

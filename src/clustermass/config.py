@@ -115,7 +115,7 @@ class RunConfig(_Section):
     """Everything a `clustermass run` needs; written next to its outputs as config.yaml."""
 
     preset: str = "paper"
-    seed: int = 0
+    seed: int = Field(0, ge=0, description="random seed (non-negative integer)")
     window: WindowConfig = Field(default_factory=WindowConfig)
     simulation: SimulationConfig = Field(default_factory=SimulationConfig)
     kde: KDEConfig = Field(default_factory=KDEConfig)

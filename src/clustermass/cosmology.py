@@ -68,11 +68,15 @@ def concentration_200c(log_m, z, model: str = "diemer19", cosmo: str = SIMULATIO
 
 
 def comoving_distance(z, cosmo: str = SIMULATION_COSMOLOGY):
-    """Line-of-sight comoving distance [h^-1 Mpc] (tabulated below z = 1, colossus above)."""
+    """Line-of-sight comoving distance [h^-1 Mpc] (tabulated for 0 <= z <= 20).
+
+    Raises ValueError for redshifts outside the table (e.g. a velocity cz given as a redshift).
+    """
     z = np.asarray(z, dtype=float)
     tab_chi, tab_z = _z_of_chi_table(cosmo)
-    if np.nanmax(z, initial=0.0) > tab_z[-1]:
-        return use(cosmo).comovingDistance(z_max=z)
+    if np.nanmax(z, initial=0.0) > tab_z[-1] or np.nanmin(z, initial=0.0) < 0:
+        raise ValueError(f"redshift outside 0 <= z <= {tab_z[-1]:g} (max {np.nanmax(z):.4g}, "
+                         f"min {np.nanmin(z):.4g})")
     return np.interp(z, tab_z, tab_chi)
 
 
@@ -92,17 +96,17 @@ def _z_of_chi_table(cosmo: str):
     # (colossus integrates point by point, seconds for thousands of points).
     from scipy.integrate import cumulative_trapezoid
 
-    z = np.linspace(0.0, 1.0, 20001)
+    z = np.concatenate([np.linspace(0.0, 1.0, 20001), np.linspace(1.0, 20.0, 19001)[1:]])
     chi = C_KMS / 100.0 * cumulative_trapezoid(1.0 / use(cosmo).Ez(z), z, initial=0.0)
     return chi, z
 
 
 def redshift_from_comoving(chi, cosmo: str = SIMULATION_COSMOLOGY):
-    """Redshift at comoving distance ``chi`` [h^-1 Mpc] (interpolated; z <= 1 only)."""
+    """Redshift at comoving distance ``chi`` [h^-1 Mpc] (interpolated; z <= 20)."""
     tab_chi, tab_z = _z_of_chi_table(cosmo)
     chi = np.asarray(chi, dtype=float)
     if np.nanmax(chi, initial=0.0) > tab_chi[-1]:
-        raise ValueError(f"comoving distance beyond z = 1 ({tab_chi[-1]:.0f} h^-1 Mpc) is not tabulated")
+        raise ValueError(f"comoving distance beyond z = {tab_z[-1]:g} ({tab_chi[-1]:.0f} h^-1 Mpc) is not tabulated")
     return np.interp(chi, tab_chi, tab_z)
 
 

@@ -1,4 +1,5 @@
-"""Posterior masses for new data with a calibrated bundle: catalogues or sky tables."""
+"""Posterior masses for new data with a calibrated bundle (catalogues or sky tables), and their
+comparison with published masses."""
 
 from __future__ import annotations
 
@@ -8,25 +9,155 @@ import numpy as np
 import pandas as pd
 
 from .catalog import Catalogue, read_catalogue, write_parquet
-from .errors import ClustermassError
+from .errors import CatalogueError, ClustermassError
+
+POSTERIOR_COLUMNS = ("d_pred", "log_m_map", "log_m_median", "log_m_mean", "log_m_lo1", "log_m_hi1",
+                     "log_m_lo2", "log_m_hi2", "out_of_range")
 
 
-def posterior_table(bundle, cat: Catalogue, rows=None, progress: bool = False) -> pd.DataFrame:
-    """Predict and summarise the posterior of every diagram (DESIGN.md posterior columns).
+#: flags of a diagram that make its posterior untrustworthy; flagged rows get NaN posteriors
+#: except ``outside_training_range`` (the network still runs; the posterior is an extrapolation)
+INPUT_FLAGS = ("few_galaxies", "degenerate", "outside_window", "outside_training_range")
 
-    Returns a DataFrame with ``diagram_id`` first, the posterior summary columns, and
-    ``log_m_true`` when the catalogue knows the true masses.
+
+def diagram_flags(cat: Catalogue, window, rows=None, training_data: dict | None = None,
+                  min_galaxies: int = 4) -> pd.DataFrame:
+    """Per diagram: can the network be trusted on it?
+
+    - ``few_galaxies``: fewer than ``min_galaxies`` galaxies inside the model's window;
+    - ``degenerate``: the galaxies in the window span fewer than 3 dimensions (all at one point,
+      on a line or a plane), so no 3D KDE exists;
+    - ``outside_window``: the diagram has galaxies, but none inside the window (wrong units, or
+      not centred on the cluster);
+    - ``outside_training_range``: the cluster's comoving distance (from its redshift) lies outside
+      the distances of the training mocks (``training_data`` of the bundle), when both are known.
+    """
+    from . import cosmology
+    from .sky.select import _degenerate
+
+    rows = cat.rows() if rows is None else np.asarray(rows)
+    n = len(rows)
+    off = cat.offsets[rows]
+    counts = off[:, 1] - off[:, 0]
+    idx = np.concatenate([np.arange(s, e) for s, e in off]) if n else np.zeros(0, np.int64)
+    owner = np.repeat(np.arange(n), counts)
+    g = {c: cat.galaxies[c].to_numpy(dtype=float)[idx] for c in ("x_proj", "y_proj", "v_los")}
+    inside = ((np.abs(g["x_proj"]) <= window.r_max) & (np.abs(g["y_proj"]) <= window.r_max)
+              & (np.abs(g["v_los"]) <= window.v_max))
+    n_in = np.bincount(owner[inside], minlength=n)
+    degenerate = _degenerate(owner[inside], g["x_proj"][inside] / window.r_max,
+                             g["y_proj"][inside] / window.r_max, g["v_los"][inside] / window.v_max, n)
+    outside_range = np.zeros(n, dtype=bool)
+    td = training_data or {}
+    z = cat.clusters["redshift"].to_numpy(dtype=float)[rows]
+    known = np.isfinite(z) & (z > 0)
+    if known.any() and ("distance_max" in td or "distance_min" in td):
+        chi = np.full(n, np.nan)
+        chi[known] = cosmology.comoving_distance(z[known])
+        with np.errstate(invalid="ignore"):
+            outside_range = (chi > td.get("distance_max", np.inf) * (1 + 1e-9)) | (
+                chi < td.get("distance_min", 0.0) * (1 - 1e-9))
+    return pd.DataFrame({
+        "few_galaxies": n_in < min_galaxies,
+        "degenerate": degenerate | ((n_in > 0) & (n_in < 4)),
+        "outside_window": (counts > 0) & (n_in == 0),
+        "outside_training_range": outside_range,
+    })
+
+
+def posterior_table(bundle, cat: Catalogue, rows=None, info: pd.DataFrame | None = None,
+                    progress: bool = False) -> pd.DataFrame:
+    """The posterior of every diagram: the one builder of posterior tables (DESIGN.md columns).
+
+    Parameters
+    ----------
+    bundle : ModelBundle
+        A calibrated bundle (raises BundleError otherwise).
+    cat : Catalogue
+        Diagrams to infer.
+    rows : array_like, optional
+        Cluster rows of ``cat`` (default: all).
+    info : DataFrame, optional
+        Per-row description aligned with ``rows`` (from the sky path: ``id, ra, dec, z`` and its
+        flags); its flag columns are combined with :func:`diagram_flags`.
+
+    Returns
+    -------
+    DataFrame
+        Identification (``id``, ``diagram_id``, ``ra``, ``dec``, ``z``, ``n_gal``), the posterior
+        columns ``d_pred, log_m_map, log_m_median, log_m_mean, log_m_lo1/hi1, log_m_lo2/hi2``
+        [log10 h^-1 Msun] and ``out_of_range``, the flags, then ``log_m_true`` when known and the
+        rest of ``info``. Diagrams flagged ``few_galaxies``, ``degenerate`` or
+        ``outside_window`` are not sent to the network: their posterior columns are NaN and
+        ``out_of_range`` is True.
     """
     post = bundle.posterior()  # raises BundleError when the bundle is not calibrated
     rows = cat.rows() if rows is None else np.asarray(rows)
-    d_pred = bundle.predict(cat, rows=rows, progress=progress)
-    table = post.summarize(d_pred).reset_index(drop=True)
-    table.insert(0, "diagram_id", cat.clusters["diagram_id"].to_numpy()[rows])
-    truth = cat.clusters["log_m200c"].to_numpy()[rows]
+    flags = diagram_flags(cat, bundle.window, rows, training_range(bundle))
+    if info is None:
+        info = pd.DataFrame({"diagram_id": cat.clusters["diagram_id"].to_numpy()[rows],
+                             "n_gal": cat.clusters["n_gal"].to_numpy()[rows]})
+        for col in ("id", "log_m_ref", "log_m_ref_err"):
+            if col in cat.clusters.columns:
+                info[col] = cat.clusters[col].to_numpy()[rows]
+    info = info.reset_index(drop=True)
+    for col in flags.columns:  # the sky path's own flags (e.g. its redshift range) add to these
+        flags[col] = flags[col].to_numpy(bool) | (info[col].to_numpy(bool) if col in info else False)
+    skip = flags[["few_galaxies", "degenerate", "outside_window"]].any(axis=1).to_numpy()
+    run = np.flatnonzero(~skip)
+    table = pd.DataFrame(np.nan, index=range(len(rows)), columns=list(POSTERIOR_COLUMNS[:-1]))
+    table["out_of_range"] = True
+    if len(run):
+        d = bundle.predict(cat, rows=rows[run], progress=progress)
+        summ = post.summarize(np.asarray(d)).reset_index(drop=True)
+        for col in POSTERIOR_COLUMNS:
+            table.loc[run, col] = summ[col].to_numpy()
+    table["out_of_range"] = table["out_of_range"].astype(bool)
+    first = [c for c in ("id", "diagram_id", "ra", "dec", "z", "n_gal") if c in info.columns]
+    parts = [info[first], table, flags]
+    truth = cat.clusters["log_m200c"].to_numpy(dtype=float)[rows]
     if np.isfinite(truth).any():
-        table["log_m_true"] = truth
-    table["n_gal"] = cat.clusters["n_gal"].to_numpy()[rows]
-    return table
+        parts.append(pd.DataFrame({"log_m_true": truth}))
+    rest = [c for c in info.columns if c not in first and c not in flags.columns]
+    parts.append(info[rest])
+    return pd.concat(parts, axis=1)
+
+
+def flag_summary(table: pd.DataFrame) -> dict[str, int]:
+    """How many rows carry each flag (and ``out_of_range``) of a posterior table."""
+    cols = [c for c in ("edge",) + INPUT_FLAGS + ("out_of_range",) if c in table.columns]
+    return {c: int(table[c].astype(bool).sum()) for c in cols}
+
+
+_FLAG_REASONS = {
+    "outside_training_range": "lie outside the distances/redshifts of the training mocks",
+    "few_galaxies": "have fewer than 4 galaxies in the window (no posterior)",
+    "degenerate": "have galaxies on a point, line or plane (no posterior)",
+    "outside_window": "have no galaxy inside the model's window: wrong units or centre? (no posterior)",
+    "edge": "are cut by the survey footprint",
+    "out_of_range": "have a network output outside the calibration range (or no posterior)",
+}
+
+
+def report_flags(table: pd.DataFrame, strict: bool = False) -> dict[str, int]:
+    """Warn (:class:`OutOfDistributionWarning`) with the count and reason of each flag; with
+    ``strict`` raise :class:`ClustermassError` instead when any cluster is flagged
+    ``outside_training_range``, ``few_galaxies``, ``degenerate`` or ``outside_window``."""
+    import warnings
+
+    from .errors import OutOfDistributionWarning
+
+    counts = flag_summary(table)
+    n = len(table)
+    lines = [f"{k} ({counts[k]} of {n}): {counts[k]} cluster(s) {_FLAG_REASONS[k]}"
+             for k in counts if counts[k]]
+    hard = {k: counts[k] for k in INPUT_FLAGS if counts.get(k)}
+    if strict and hard:
+        raise ClustermassError("--strict: refusing to infer: " + "; ".join(
+            f"{v} of {n} cluster(s) {_FLAG_REASONS[k]}" for k, v in hard.items()))
+    for line in lines:
+        warnings.warn(line, OutOfDistributionWarning, stacklevel=2)
+    return counts
 
 
 def write_table(table: pd.DataFrame, path: str | Path) -> Path:
@@ -53,57 +184,225 @@ def _cluster_figures(post, table: pd.DataFrame, out: Path) -> None:
         save_figure(fig, out / "figures" / f"posterior_{cid}.png")
 
 
-def _write_posteriors(bundle, table: pd.DataFrame, out, plots: bool) -> Path:
-    """``out/posteriors.parquet`` and, on request, one posterior figure per cluster."""
+def _inference_identity(bundle, inputs: dict) -> dict:
+    """What an ``infer`` output is made from: the model (integrity hash) and the input files."""
+    return {"model": bundle.meta.get("integrity"), "inputs": {k: str(Path(v).resolve()) if v is not None
+                                                              else None for k, v in inputs.items()}}
+
+
+def _guard_posteriors(out, identity: dict, overwrite: bool) -> None:
+    """Refuse to replace a ``posteriors.parquet`` written from other inputs (e.g. by ``evaluate``)."""
+    import json
+
+    from ._io import guard_output
+
+    out = Path(out)
+    existing = None
+    if (out / "posteriors.parquet").is_file():
+        try:
+            existing = json.loads((out / "inference.json").read_text())["identity"]
+        except (OSError, ValueError, KeyError, TypeError):
+            existing = "unknown"
+    guard_output(out / "posteriors.parquet", existing, identity, overwrite, "posteriors")
+
+
+def _write_posteriors(bundle, table: pd.DataFrame, out, plots: bool, identity: dict, strict: bool) -> Path:
+    """Report flags, then write ``out/posteriors.parquet``, ``out/inference.json`` and, on
+    request, one posterior figure per cluster."""
+    from ._io import write_json_atomic
+
+    counts = report_flags(table, strict=strict)
     out = Path(out)
     path = write_table(table, out / "posteriors.parquet")
+    write_json_atomic(out / "inference.json", {"identity": identity, "n_clusters": len(table),
+                                               "flags": counts, "model_kind": bundle.kind})
     if plots:
         _cluster_figures(bundle.posterior(), table, out)
     return path
 
 
 def infer_catalogue(model: str | Path, data: str | Path, out: str | Path, plots: bool = False,
-                    progress: bool = True) -> Path:
+                    progress: bool = True, strict: bool = False, overwrite: bool = False) -> Path:
     """Posteriors for every diagram of a catalogue directory -> ``out/posteriors.parquet``."""
-    from .training import load_model
+    from .bundle import load_model
 
     bundle = load_model(model)
+    identity = _inference_identity(bundle, {"data": data})
+    _guard_posteriors(out, identity, overwrite)
     cat = read_catalogue(data)
     table = posterior_table(bundle, cat, progress=progress)
-    return _write_posteriors(bundle, table, out, plots)
+    return _write_posteriors(bundle, table, out, plots, identity, strict)
 
 
-def infer_sky_tables(model, galaxies, clusters, out, *, ra_col="ra", dec_col="dec", z_col="z",
-                     id_col="id", mag_col=None, mag_limit=None, angle_unit="deg", plots=False,
-                     progress=True) -> Path:
-    """Posteriors for clusters given on the sky (RA, Dec, z) with a survey galaxy table."""
-    from .sky import infer_sky, read_table
-    from .training import load_model
+def infer_sky_tables(model, galaxies, clusters, out, *, plots=False, progress=True, strict=False,
+                     overwrite=False, **column_options) -> Path:
+    """Posteriors for clusters given on the sky (RA, Dec, z) with a survey galaxy table.
+
+    ``column_options`` go to :func:`clustermass.sky.sky_to_catalogue` (``ra_col``,
+    ``cluster_ra_col``, ``mag_col``/``flux_col``, ``mag_limit``, ``angle_unit``, ...).
+    """
+    from .bundle import load_model
+    from .sky import read_table
 
     bundle = load_model(model)
+    identity = _inference_identity(bundle, {"galaxies": galaxies, "clusters": clusters})
+    _guard_posteriors(out, identity, overwrite)
     gal = read_table(galaxies)
     cl = read_table(clusters)
-    table = infer_sky(bundle, gal, cl, ra_col=ra_col, dec_col=dec_col, z_col=z_col, id_col=id_col,
-                      mag_col=mag_col, mag_limit=mag_limit, angle_unit=angle_unit, progress=progress)
-    return _write_posteriors(bundle, table, out, plots)
+    table = infer_sky(bundle, gal, cl, progress=progress, **column_options)
+    return _write_posteriors(bundle, table, out, plots, identity, strict)
 
 
-def infer_authors_sdss(model, cluster_list, galaxy_source, out, *, plots=False, progress=True) -> Path:
+def infer_authors_sdss(model, cluster_list, galaxy_source, out, *, plots=False, progress=True,
+                       strict=False, overwrite=False) -> Path:
     """Posteriors for the authors' public SDSS input (cluster list + per-cluster x, y, v tables)."""
-    from .sky import infer_sky_catalogue, read_authors_sdss
-    from .training import load_model
+    from .bundle import load_model
+    from .sky import read_authors_sdss
 
     bundle = load_model(model)
+    identity = _inference_identity(bundle, {"clusters": cluster_list, "galaxies": galaxy_source})
+    _guard_posteriors(out, identity, overwrite)
     cat = read_authors_sdss(cluster_list, galaxy_source, window=bundle.window)
-    table = infer_sky_catalogue(bundle, cat, progress=progress)
-    return _write_posteriors(bundle, table, out, plots)
+    table = posterior_table(bundle, cat, progress=progress)
+    return _write_posteriors(bundle, table, out, plots, identity, strict)
 
 
-def compare_tables(posteriors, reference, out, *, id_col="id", mass_col="log_m200c", err_col=None) -> dict:
-    """Join inferred posteriors with published masses and write the contrast table + figures."""
+# ---------------------------------------------------------------------- sky inference
+def training_range(bundle) -> dict:
+    """Flux limit, distance and redshift range of a bundle's training data, where recorded."""
+    meta = getattr(bundle, "meta", {}) or {}
+    td = meta.get("training_data") or {}
+    sim = td.get("simulation", td) if isinstance(td, dict) else {}
+    out = {}
+    for key in ("mag_limit", "distance_min", "distance_max", "z_min", "z_max"):
+        val = sim.get(key, td.get(key) if isinstance(td, dict) else None)
+        if val is not None:
+            out[key] = float(val)
+    return out
+
+
+def infer_sky(bundle, galaxies, clusters, *, progress: bool = False, **column_options) -> pd.DataFrame:
+    """Posterior masses of clusters given on the sky.
+
+    Parameters
+    ----------
+    bundle : ModelBundle
+        A calibrated model bundle; its window is applied, and its training flux limit and
+        distance range (``bundle.meta["training_data"]``, if recorded) are used unless
+        ``mag_limit`` / ``distance_min`` / ``distance_max`` are given.
+    galaxies, clusters : DataFrame or astropy Table
+        The survey and the cluster list (see :func:`sky_to_catalogue`).
+    **column_options
+        Passed to :func:`sky_to_catalogue` (``ra_col``, ``mag_col``, ``angle_unit``, ...).
+
+    Returns
+    -------
+    DataFrame
+        One row per cluster: ``id, diagram_id, ra, dec, z, n_gal``, the posterior columns
+        (NaN where the cluster has too few galaxies), ``comoving_distance, empty_fraction`` and the flags.
+    """
+    rng = training_range(bundle)
+    opts = dict(column_options)
+    if opts.get("mag_limit") is None:
+        opts["mag_limit"] = rng.get("mag_limit")
+    for key in ("distance_min", "distance_max"):
+        if opts.get(key) is None:
+            opts[key] = rng.get(key)
+    if opts.get("z_range") is None and "z_max" in rng and "distance_max" not in rng:
+        opts["z_range"] = (rng.get("z_min", 0.0), rng["z_max"])
+    from .sky import sky_to_catalogue
+
+    cat, info = sky_to_catalogue(galaxies, clusters, bundle.window, **opts)
+    return posterior_table(bundle, cat, info=info, progress=progress)
+
+
+# ---------------------------------------------------------------------- comparison
+def compare_with_published(posteriors: pd.DataFrame, ref_log_m, ref_err=None, *,
+                           estimate: str = "log_m_map") -> tuple[dict, pd.DataFrame]:
+    """Normalised contrast of inferred and published masses (paper Fig. 9).
+
+    ``contrast = (log M_pred - log M_ref) / sigma_pred`` with ``sigma_pred`` the 1-sigma
+    half-width of the posterior on the side toward the reference (``hi1 - pred`` when the
+    reference is above, ``pred - lo1`` otherwise).
+
+    Parameters
+    ----------
+    posteriors : DataFrame
+        Posterior table (``log_m_lo1, log_m_hi1`` and ``estimate``), one row per cluster.
+    ref_log_m : array_like
+        Published log10 M200c [h^-1 Msun], aligned with ``posteriors``.
+    ref_err : array_like, optional
+        Published errors [dex]; adds ``contrast_total`` using both errors in quadrature.
+    estimate : str
+        Posterior column used as the prediction (MAP by default).
+
+    Returns
+    -------
+    summary : dict
+        ``n, mean, std, median, frac_within_1sigma`` of the contrast, ``mean_offset_dex``,
+        ``scatter_dex`` over ``n`` clusters (and ``mean_total, std_total`` over ``n_total``
+        clusters with a positive published error, with ``ref_err``).
+    table : DataFrame
+        ``posteriors`` plus ``log_m_pred, log_m_ref, log_m_ref_err, sigma_pred, contrast``.
+    """
+    if estimate not in posteriors.columns:
+        raise CatalogueError(f"posterior table has no column {estimate!r}")
+    pred = posteriors[estimate].to_numpy(dtype=float)
+    ref = np.asarray(ref_log_m, dtype=float)
+    if ref.shape != pred.shape:
+        raise CatalogueError(f"{len(ref)} reference masses for {len(pred)} posteriors")
+    if np.nanmedian(ref) > 100:  # linear masses given
+        raise CatalogueError("reference masses look linear (median > 100): give log10 M200c [h^-1 Msun]")
+    lo = posteriors["log_m_lo1"].to_numpy(dtype=float)
+    hi = posteriors["log_m_hi1"].to_numpy(dtype=float)
+    sigma = np.where(ref >= pred, hi - pred, pred - lo)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        contrast = (pred - ref) / sigma
+    table = posteriors.copy().reset_index(drop=True)
+    table["log_m_pred"] = pred
+    table["log_m_ref"] = ref
+    table["sigma_pred"] = sigma
+    table["contrast"] = contrast
+    ok = np.isfinite(contrast) & (sigma > 0)
+    diff = pred - ref
+    summary = {
+        "n": int(ok.sum()),
+        "n_skipped": int((~ok).sum()),  # no posterior, no reference mass, or a zero-width interval
+        "estimate": estimate,
+        "mean": float(np.mean(contrast[ok])) if ok.any() else float("nan"),
+        "std": float(np.std(contrast[ok], ddof=1)) if ok.sum() > 1 else float("nan"),
+        "median": float(np.median(contrast[ok])) if ok.any() else float("nan"),
+        "frac_within_1sigma": float(np.mean(np.abs(contrast[ok]) <= 1)) if ok.any() else float("nan"),
+        "mean_offset_dex": float(np.mean(diff[ok])) if ok.any() else float("nan"),
+        "scatter_dex": float(np.std(diff[ok], ddof=1)) if ok.sum() > 1 else float("nan"),
+    }
+    if ref_err is not None:
+        err = np.asarray(ref_err, dtype=float)
+        table["log_m_ref_err"] = err
+        with np.errstate(invalid="ignore", divide="ignore"):
+            tot = diff / np.sqrt(sigma**2 + err**2)
+        table["contrast_total"] = tot
+        okt = ok & np.isfinite(tot) & (err > 0)  # a published error of 0 (or NaN) is no error
+        summary["n_total"] = int(okt.sum())  # the n of mean_total / std_total
+        summary["mean_total"] = float(np.mean(tot[okt])) if okt.any() else float("nan")
+        summary["std_total"] = float(np.std(tot[okt], ddof=1)) if okt.sum() > 1 else float("nan")
+    else:
+        table["log_m_ref_err"] = np.nan
+    return summary, table
+
+
+def compare_tables(posteriors, reference, out, *, id_col="id", mass_col="log_m200c", err_col=None,
+                   include_flagged: bool = False) -> dict:
+    """Join inferred posteriors with published masses and write the contrast table + figures.
+
+    Clusters flagged ``edge``, ``few_galaxies``, ``degenerate``, ``outside_window``,
+    ``outside_training_range`` or ``out_of_range`` are left out unless ``include_flagged``;
+    ``n_excluded_flagged`` says how many. Reference columns that the posterior table also has
+    get the suffix ``_ref`` (e.g. ``z_ref``); the posterior's keep their names.
+    """
     from ._io import save_figure, write_json_atomic
     from .plots.sky import plot_contrast_histogram, plot_mass_comparison
-    from .sky import compare_with_published, read_table
+    from .sky import read_table
 
     post = read_table(posteriors)
     ref = read_table(reference)
@@ -111,12 +410,25 @@ def compare_tables(posteriors, reference, out, *, id_col="id", mass_col="log_m20
         if col not in ref.columns:
             raise ClustermassError(f"reference table has no column {col!r} (columns: {', '.join(map(str, ref.columns))})")
     key = "id" if "id" in post.columns else "diagram_id"
-    merged = post.merge(ref.rename(columns={id_col: key}), on=key, how="inner")
+    ref = ref.rename(columns={id_col: key})
+    merged = post.merge(ref, on=key, how="inner", suffixes=("", "_ref"))
     if merged.empty:
         raise ClustermassError("no cluster id is common to the posteriors and the reference table")
+    renamed = {c: (f"{c}_ref" if c in post.columns and c != key else c) for c in ref.columns}
+    flag_cols = [c for c in ("edge",) + INPUT_FLAGS + ("out_of_range",) if c in merged.columns]
+    flagged = merged[flag_cols].astype(bool).any(axis=1).to_numpy() if flag_cols else np.zeros(len(merged), bool)
+    n_matched = len(merged)
+    if not include_flagged:
+        merged = merged[~flagged].reset_index(drop=True)
+        if merged.empty:
+            raise ClustermassError(f"all {n_matched} matched clusters are flagged ({', '.join(flag_cols)}); "
+                                   "pass include_flagged (--include-flagged) to compare them anyway")
+    mcol, ecol = renamed[mass_col], (renamed[err_col] if err_col else None)
     summary, table = compare_with_published(
-        merged, merged[mass_col].to_numpy(float), merged[err_col].to_numpy(float) if err_col else None
+        merged, merged[mcol].to_numpy(float), merged[ecol].to_numpy(float) if ecol else None
     )
+    summary = {"n_matched": n_matched, "n_excluded_flagged": 0 if include_flagged else int(flagged.sum()),
+               "flags_checked": flag_cols, **summary}
     out = Path(out)
     write_table(table, out / "comparison.parquet")
     write_json_atomic(out / "comparison.json", summary)

@@ -30,31 +30,46 @@ def config_hash(*sections) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def simulate_stage(cfg: RunConfig, out: Path, progress: bool = True) -> Catalogue:
+def _existing_catalogue_key(out: Path):
+    """The ``config_key`` of the catalogue in ``out`` ("unknown" for a foreign one), None if none."""
+    meta_file = out / "catalogue.json"
+    if not (out / "clusters.parquet").is_file():
+        return None
+    try:
+        return json.loads(meta_file.read_text()).get("config_key", "unknown")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return "unknown"
+
+
+def simulate_stage(cfg: RunConfig, out: Path, progress: bool = True, overwrite: bool = False) -> Catalogue:
     """Simulate the mock catalogue into ``out`` (reused when it exists with the same config and seed).
 
-    The catalogue streams to disk chunk by chunk, then is read back.
+    A catalogue made with other settings or another seed (trained bundles refer to it by hash)
+    is only replaced with ``overwrite``. The catalogue streams to disk chunk by chunk, then is read back.
     """
+    from ._io import guard_output
     from .simulate import simulate_to_directory
 
+    out = Path(out)
     key = config_hash(cfg.simulation, cfg.window) + f"-s{cfg.seed}"
-    meta_file = Path(out) / "catalogue.json"
-    if (Path(out) / "clusters.parquet").is_file() and meta_file.is_file():
-        if json.loads(meta_file.read_text()).get("config_key") == key:
-            _log(f"reusing catalogue in {out}", progress)
-            return read_catalogue(out)
+    existing = _existing_catalogue_key(out)
+    if existing == key:
+        _log(f"reusing catalogue in {out}", progress)
+        return read_catalogue(out)
+    guard_output(out, existing, key, overwrite, "a catalogue")
     simulate_to_directory(cfg.simulation, cfg.window, cfg.seed, out, meta={"config_key": key},
                           progress=progress)
     return read_catalogue(out)
 
 
-def train_stage(cfg: RunConfig, cat: Catalogue, kind: str, out: Path, progress: bool = True):
+def train_stage(cfg: RunConfig, cat: Catalogue, kind: str, out: Path, progress: bool = True,
+                overwrite: bool = False):
     """Train one network of ``kind`` on the catalogue's train split; the bundle goes to ``out``."""
     from .training import train_model
 
     training = cfg.training.model_copy(update={"model": kind})
     return train_model(cat, kind, cfg.window, cfg.kde, training, seed=cfg.seed, out_dir=out,
-                       progress=progress)
+                       progress=progress, overwrite=overwrite)
 
 
 def calibrate_stage(bundle, cat: Catalogue, calibration: CalibrationConfig, split: str = "test",
@@ -71,7 +86,7 @@ def calibrate_stage(bundle, cat: Catalogue, calibration: CalibrationConfig, spli
     return bundle
 
 
-def run_pipeline(cfg: RunConfig, out: str | Path, progress: bool = True) -> dict:
+def run_pipeline(cfg: RunConfig, out: str | Path, progress: bool = True, overwrite: bool = False) -> dict:
     """Run every stage of the pipeline for ``cfg`` into directory ``out``; returns the metrics."""
     from .evaluation import evaluate
     from .report import build_report
@@ -83,7 +98,7 @@ def run_pipeline(cfg: RunConfig, out: str | Path, progress: bool = True) -> dict
 
     t0 = time.perf_counter()
     _log("1/5 simulate", progress)
-    cat = simulate_stage(cfg, out / "catalogue", progress)
+    cat = simulate_stage(cfg, out / "catalogue", progress, overwrite=overwrite)
     timings["simulate_s"] = time.perf_counter() - t0
 
     kinds = [cfg.training.model] + [k for k in cfg.evaluation.comparison_models if k != cfg.training.model]
@@ -91,7 +106,7 @@ def run_pipeline(cfg: RunConfig, out: str | Path, progress: bool = True) -> dict
     for kind in kinds:
         t0 = time.perf_counter()
         _log(f"2/5 train {kind}", progress)
-        bundles[kind] = train_stage(cfg, cat, kind, out / "models" / kind, progress)
+        bundles[kind] = train_stage(cfg, cat, kind, out / "models" / kind, progress, overwrite=overwrite)
         timings[f"train_{kind}_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         _log(f"3/5 calibrate {kind} on the test split", progress)

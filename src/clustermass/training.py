@@ -1,4 +1,4 @@
-"""Training with PyTorch Lightning and safe model bundles (SCIENCE.md sec. 5).
+"""Training with PyTorch Lightning (SCIENCE.md sec. 5).
 
 :func:`train_model` fits a network of :mod:`clustermass.networks` to log10 M200c on the ``train``
 split: MSE loss, Adam, a validation set of whole halos (``training.val_fraction`` of the train
@@ -12,15 +12,12 @@ are built once (in parallel with ``training.num_workers`` DataLoader workers) an
 (on the GPU when it fits); nothing is written to disk. With ``augment`` or a cache larger than
 ``training.cache_max_gb`` the grids are rebuilt every epoch.
 
-A model bundle is a directory with ``weights.safetensors`` and ``model.json`` (architecture,
-preprocessing, target standardisation, training metadata, weights checksum), ``loss_curve.png``
-and, after SBI calibration, ``calibration.parquet``. :func:`load_model` never unpickles anything.
+The result is a :class:`clustermass.bundle.ModelBundle` written to ``out_dir``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import math
@@ -30,21 +27,23 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 from torch import nn
 
-from ._io import atomic_write, write_json_atomic
+from ._io import guard_output, write_json_atomic
+from .bundle import (
+    BUNDLE_FORMAT,
+    BUNDLE_VERSION,
+    CALIBRATION_FILE,
+    META_FILE,
+    ModelBundle,
+    _dataset,
+    channels_last,
+)
 from .catalog import Catalogue
 from .config import KIND_DIMS, KDEConfig, TrainingConfig, WindowConfig
-from .errors import BundleError, ClustermassError, ConfigError
+from .errors import ClustermassError
 from .networks import build_network, count_parameters, default_arch
-
-BUNDLE_FORMAT = "clustermass-model"
-BUNDLE_VERSION = 1
-WEIGHTS_FILE = "weights.safetensors"
-META_FILE = "model.json"
-CALIBRATION_FILE = "calibration.parquet"
 
 
 # ---------------------------------------------------------------------- data
@@ -161,12 +160,6 @@ class _SubsetBatches(torch.utils.data.Dataset):
         return torch.stack([a for a, _ in items]), torch.stack([torch.as_tensor(b) for _, b in items])
 
 
-def _dataset(catalogue, rows, kind, window, kde, augment=False, seed=0):
-    from .phasespace import PhaseSpaceDataset
-
-    return PhaseSpaceDataset(catalogue, rows, kind, window, kde, augment=augment, seed=seed)
-
-
 def build_inputs(dataset, batch_size: int = 256, num_workers: int = 0, progress: bool = False,
                  desc: str = "phase-space grids") -> tuple[torch.Tensor, torch.Tensor]:
     """Build every item of ``dataset`` once: (x float32 (N, 1, n, ...), y float32 (N,))."""
@@ -186,15 +179,6 @@ def build_inputs(dataset, batch_size: int = 256, num_workers: int = 0, progress:
     if xs is None:
         raise ClustermassError("no diagrams to build grids for")
     return xs, ys
-
-
-def _memory_format(kind: str):
-    return {"cnn3d": torch.channels_last_3d, "cnn2d": torch.channels_last}.get(kind)
-
-
-def _channels_last(network: nn.Module, kind: str) -> nn.Module:
-    fmt = _memory_format(kind)
-    return network.to(memory_format=fmt) if fmt is not None else network
 
 
 # ---------------------------------------------------------------------- lightning
@@ -344,6 +328,42 @@ def _run_fingerprint(kind, arch, window, kde, training, seed, data_hash) -> dict
             "kde": kde.model_dump(mode="json"), "training": tr, "seed": int(seed), "data_hash": data_hash}
 
 
+def _readable_checkpoint(path: Path) -> bool:
+    """True when ``path`` loads with ``torch.load(weights_only=True)`` (complete, no pickled objects)."""
+    try:
+        torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # truncated zip, UnpicklingError, ... : any failure means "do not resume"
+        return False
+    return True
+
+
+def _existing_fingerprint(out_dir: Path):
+    """What the bundle in ``out_dir`` was trained from (None when there is no bundle)."""
+    meta_file = out_dir / META_FILE
+    if not meta_file.is_file():
+        return None
+    try:
+        return json.loads(meta_file.read_text()).get("fingerprint", "unknown")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return "unknown"
+
+
+def training_data_range(catalogue: Catalogue) -> dict:
+    """Where a model trained on ``catalogue`` may be applied: its flux limit, distances, masses.
+
+    From the simulation settings in the catalogue's metadata (``mag_limit`` [mag],
+    ``distance_min``/``distance_max`` [h^-1 Mpc, comoving], ``log_m_min``/``log_m_max``) and, when
+    known, the redshift range of its clusters (``z_min``, ``z_max``).
+    """
+    sim = catalogue.meta.get("simulation") or {}
+    out = {k: v for k, v in sim.items()
+           if k in ("mag_limit", "distance_min", "distance_max", "log_m_min", "log_m_max")}
+    z = catalogue.clusters["redshift"].to_numpy(dtype=float)
+    if np.isfinite(z).any():
+        out["z_min"], out["z_max"] = float(np.nanmin(z)), float(np.nanmax(z))
+    return out
+
+
 def _load_ckpt_state(path: Path) -> dict:
     """The ``state_dict`` of a Lightning checkpoint of our own run (tensors only)."""
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -361,6 +381,7 @@ def train_model(
     progress: bool = True,
     resume: bool | None = None,
     arch: dict | None = None,
+    overwrite: bool = False,
 ) -> ModelBundle:
     """Train a network of ``kind`` on the ``train`` split and write its bundle into ``out_dir``.
 
@@ -377,6 +398,14 @@ def train_model(
         data and settings exists; True also continues a finished run (e.g. with more
         ``max_epochs``); False starts afresh.
     arch : architecture overrides for :func:`clustermass.networks.build_network`.
+    overwrite : replace a bundle in ``out_dir`` trained on other data or settings (or of another
+        kind); without it that raises :class:`~clustermass.errors.OutputExistsError`. The same
+        training may always rerun in place.
+
+    Raises
+    ------
+    ClustermassError : no train split, NaN true masses, or a diverged training (non-finite
+        validation loss or predictions); no bundle is written then.
 
     Returns
     -------
@@ -409,6 +438,12 @@ def train_model(
         state = json.loads(run_file.read_text()) if run_file.is_file() else None
     except (OSError, json.JSONDecodeError):
         state = None
+    if last.is_file() and state is not None and resume is not False and not _readable_checkpoint(last):
+        warnings.warn(f"checkpoint {last} cannot be read safely (truncated, or holds pickled objects); "
+                      "starting the training over", UserWarning, stacklevel=2)
+        state = None
+        if resume:
+            raise ClustermassError(f"cannot resume: checkpoint {last} is unreadable")
     ckpt_path = None
     if resume is True and not last.is_file():
         raise ClustermassError(f"cannot resume: no checkpoint {last}")
@@ -421,6 +456,7 @@ def train_model(
                 )
         elif resume or not state.get("completed", False):
             ckpt_path = last
+    guard_output(out_dir, _existing_fingerprint(out_dir), fingerprint, overwrite, "a model bundle")
     if ckpt_path is None and ckpt_dir.exists():
         shutil.rmtree(ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -430,9 +466,9 @@ def train_model(
     network = build_network(kind, kde.n_grid, **arch_full, target_mean=t_mean, target_std=t_std)
     cuda = torch.cuda.is_available()
     precision = _precision(training, cuda)
-    channels_last = kind in ("cnn3d", "cnn2d")  # faster convolutions on GPU and CPU (oneDNN)
-    network = _channels_last(network, kind)
-    module = _make_module(network, training.lr, training.betas, channels_last)
+    use_channels_last = kind in ("cnn3d", "cnn2d")  # faster convolutions on GPU and CPU (oneDNN)
+    network = channels_last(network, kind)
+    module = _make_module(network, training.lr, training.betas, use_channels_last)
 
     # ---- data
     device = torch.device("cuda") if cuda else torch.device("cpu")
@@ -492,14 +528,20 @@ def train_model(
         raise ClustermassError(f"training interrupted; run again with the same --out to resume from {last}")
 
     # ---- restore the best weights
+    hist = history.rows
+    if not hist or not np.isfinite([r["val_loss"] for r in hist]).any():
+        raise ClustermassError(
+            f"training diverged: the validation loss was never finite (lr = {training.lr:g}); "
+            "lower training.lr (e.g. --set training.lr=1e-4); no bundle written")
     best_path = Path(ckpt.best_model_path) if ckpt.best_model_path else None
     if best_path is None or not best_path.is_file():
         raise ClustermassError(f"training produced no best checkpoint in {ckpt_dir}")
     network = network.to("cpu").to(memory_format=torch.contiguous_format).float()
     best_state = {k: v.contiguous() for k, v in _load_ckpt_state(best_path).items()}
     network.load_state_dict(best_state)
-    hist = history.rows
-    best_i = int(np.argmin([r["val_loss"] for r in hist]))
+    if not all(torch.isfinite(v).all() for v in best_state.values() if v.is_floating_point()):
+        raise ClustermassError("training diverged: the best weights hold NaN/inf; lower training.lr; no bundle written")
+    best_i = int(np.nanargmin([r["val_loss"] if np.isfinite(r["val_loss"]) else np.inf for r in hist]))
     write_json_atomic(run_file, {"fingerprint": fingerprint, "completed": True})
 
     import lightning
@@ -510,6 +552,7 @@ def train_model(
         "format": BUNDLE_FORMAT,
         "format_version": BUNDLE_VERSION,
         "kind": kind,
+        "fingerprint": fingerprint,
         "architecture": {"kind": kind, "n_grid": kde.n_grid, "arch": arch_full,
                          "n_parameters": count_parameters(network)},
         "preprocessing": {
@@ -538,8 +581,7 @@ def train_model(
         "versions": {"clustermass": __version__, "torch": torch.__version__,
                      "lightning": lightning.__version__},
         # where the model may be applied: flux limit, distances and masses of its training mocks
-        "training_data": {k: v for k, v in (catalogue.meta.get("simulation") or {}).items()
-                          if k in ("mag_limit", "distance_max", "log_m_min", "log_m_max")},
+        "training_data": training_data_range(catalogue),
         "calibration": None,
     }
     bundle = ModelBundle(kind, window, kde, network, meta)
@@ -549,240 +591,4 @@ def train_model(
 
     plot_loss_curve(hist, out_dir / "loss_curve.png", best_epoch=meta["training"]["best_epoch"],
                     title=f"{kind}: MSE of log10 M200c")
-    return bundle
-
-
-# ---------------------------------------------------------------------- bundles
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-class ModelBundle:
-    """A trained network with exactly the preprocessing it was trained with.
-
-    Attributes
-    ----------
-    kind : "cnn3d", "cnn2d" or "cnn1d".
-    window : WindowConfig of the phase-space diagrams.
-    kde : KDEConfig (grid size, bandwidth, input scaling).
-    network : the torch module (CPU, eval mode), outputs log10 M200c.
-    meta : the ``model.json`` dict.
-    path : bundle directory once saved or loaded, else None.
-    """
-
-    def __init__(self, kind: str, window: WindowConfig, kde: KDEConfig, network: nn.Module,
-                 meta: dict, path: str | Path | None = None) -> None:
-        self.kind, self.window, self.kde, self.network, self.meta = kind, window, kde, network, meta
-        self.network.eval()
-        self.path = Path(path) if path is not None else None
-        self._calibration: pd.DataFrame | None = None
-        self._posterior = None  # fitted JointKDEPosterior, cached until the calibration changes
-
-    def __repr__(self) -> str:
-        tr = self.meta.get("training", {})
-        return (f"ModelBundle(kind={self.kind!r}, n_grid={self.kde.n_grid}, "
-                f"best_val_loss={tr.get('best_val_loss')}, path={str(self.path) if self.path else None!r})")
-
-    # -------------------------------------------------------------- prediction
-    def predict(self, catalogue: Catalogue, rows=None, batch_size: int = 256, progress: bool = False,
-                num_workers: int = 0, device: str | None = None) -> np.ndarray:
-        """Predicted log10 M200c (the point prediction d_pred) of each diagram.
-
-        Parameters
-        ----------
-        catalogue : diagrams to predict (galaxies inside the bundle's window are used).
-        rows : cluster rows (default: all).
-        batch_size : diagrams per forward pass.
-        progress : show a tqdm bar.
-        num_workers : DataLoader workers building the KDE grids.
-        device : torch device for the forward passes (default: CUDA when available, else CPU).
-
-        Returns
-        -------
-        float64 array (len(rows),) of log10(M200c / h^-1 Msun).
-        """
-        from tqdm.auto import tqdm
-
-        rows = catalogue.rows() if rows is None else np.asarray(rows)
-        out = np.empty(len(rows), dtype=np.float64)
-        if len(rows) == 0:
-            return out
-        ds = _dataset(catalogue, rows, self.kind, self.window, self.kde)
-        loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers)
-        fmt = _memory_format(self.kind)
-        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        net = _channels_last(self.network, self.kind).to(dev).eval()
-        i = 0
-        with torch.inference_mode(), tqdm(total=len(rows), desc=f"predict {self.kind}", unit="diagram",
-                                          disable=not progress) as bar:
-            for x, _ in loader:
-                x = x.to(dev, dtype=torch.float32)
-                x = x if fmt is None else x.contiguous(memory_format=fmt)
-                pred = net(x).double().cpu().numpy()
-                out[i : i + len(pred)] = pred
-                i += len(pred)
-                bar.update(len(pred))
-        return out
-
-    # -------------------------------------------------------------- persistence
-    def save(self, directory: str | Path) -> Path:
-        """Write ``weights.safetensors`` and ``model.json`` (and the calibration) atomically."""
-        from safetensors.torch import save_file
-
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().cpu().contiguous().clone() for k, v in self.network.state_dict().items()}
-        atomic_write(directory / WEIGHTS_FILE, lambda p: save_file(state, str(p), metadata={"format": BUNDLE_FORMAT}))
-        self.meta["weights"] = {"file": WEIGHTS_FILE, "sha256": _sha256(directory / WEIGHTS_FILE),
-                                "keys": sorted(state)}
-        cal = self.calibration
-        if cal is not None and (self.path is None or directory.resolve() != self.path.resolve()):
-            _write_calibration(directory / CALIBRATION_FILE, cal)
-        write_json_atomic(directory / META_FILE, self.meta)
-        self.path = directory
-        return directory
-
-    @property
-    def calibration(self) -> pd.DataFrame | None:
-        """The SBI calibration pairs (columns d_pred, log_m_true), or None before calibration."""
-        if self._calibration is None and self.meta.get("calibration") and self.path is not None:
-            self._calibration = _read_calibration(self.path / CALIBRATION_FILE)
-        return self._calibration
-
-    def set_calibration(self, d_pred, log_m_true, bandwidth: float, min_neighbours: float = 5.0) -> None:
-        """Store the (prediction, true mass) pairs of the calibration split and the KDE settings.
-
-        The posterior is fitted first, so a calibration it would refuse is never written.
-
-        Parameters
-        ----------
-        d_pred : predicted log10 M200c of the calibration diagrams.
-        log_m_true : their true log10 M200c.
-        bandwidth : scipy bw_method factor of the joint 2D KDE (SCIENCE.md sec. 6).
-        min_neighbours : kernel weight of calibration pairs below which a prediction is out of range.
-        """
-        from .posterior import JointKDEPosterior
-
-        if self.path is None:
-            raise BundleError("save the bundle (bundle.save(dir)) before calibrating it")
-        d = np.asarray(d_pred, dtype=np.float64).ravel()
-        m = np.asarray(log_m_true, dtype=np.float64).ravel()
-        if len(d) != len(m):
-            raise ClustermassError(f"calibration needs matching arrays, got {len(d)} and {len(m)} values")
-        if not (np.isfinite(d).all() and np.isfinite(m).all()):
-            raise ClustermassError("calibration pairs must be finite (no NaN true masses)")
-        params = {"bandwidth": float(bandwidth), "min_neighbours": float(min_neighbours)}
-        posterior = JointKDEPosterior(**params).fit(d, m)  # raises on unusable calibrations
-        df = pd.DataFrame({"d_pred": d, "log_m_true": m})
-        _write_calibration(self.path / CALIBRATION_FILE, df)
-        self._calibration, self._posterior = df, posterior
-        self.meta["calibration"] = {"file": CALIBRATION_FILE, **params, "n_pairs": int(len(d))}
-        write_json_atomic(self.path / META_FILE, self.meta)
-
-    def posterior(self):
-        """The SBI posterior ``JointKDEPosterior(bandwidth, min_neighbours).fit(d_pred, log_m_true)``, fitted once."""
-        from .posterior import JointKDEPosterior
-
-        if self._posterior is None:
-            cal = self.calibration
-            if cal is None:
-                raise BundleError("this model bundle is not calibrated yet (run `clustermass calibrate`)")
-            c = self.meta["calibration"]
-            self._posterior = JointKDEPosterior(c["bandwidth"], min_neighbours=c.get("min_neighbours", 5.0)).fit(
-                cal["d_pred"].to_numpy(), cal["log_m_true"].to_numpy())
-        return self._posterior
-
-
-def _write_calibration(path: Path, df: pd.DataFrame) -> None:
-    from .catalog import write_parquet
-
-    write_parquet(df[["d_pred", "log_m_true"]].reset_index(drop=True), path)
-
-
-def _read_calibration(path: Path) -> pd.DataFrame:
-    if not path.is_file():
-        raise BundleError(f"model.json records a calibration but {path} is missing")
-    try:
-        df = pd.read_parquet(path)
-    except Exception as exc:
-        raise BundleError(f"cannot read {path}: {exc}") from exc
-    if not {"d_pred", "log_m_true"} <= set(df.columns):
-        raise BundleError(f"{path} must have columns d_pred and log_m_true")
-    return df[["d_pred", "log_m_true"]]
-
-
-def load_model(directory: str | Path) -> ModelBundle:
-    """Load a model bundle; never unpickles (JSON + safetensors only).
-
-    Raises
-    ------
-    BundleError : missing files, unreadable/tampered weights (checksum), or weights whose
-        names/shapes do not match the architecture in ``model.json``.
-    """
-    from pydantic import ValidationError
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    directory = Path(directory)
-    meta_path, w_path = directory / META_FILE, directory / WEIGHTS_FILE
-    if not directory.is_dir():
-        raise BundleError(f"model bundle directory not found: {directory}")
-    if not meta_path.is_file():
-        raise BundleError(f"{directory} has no {META_FILE} (not a clustermass model bundle)")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BundleError(f"{meta_path} is not valid JSON: {exc}") from exc
-    if not isinstance(meta, dict) or meta.get("format") != BUNDLE_FORMAT:
-        raise BundleError(f"{meta_path} is not a clustermass model description (format != {BUNDLE_FORMAT!r})")
-    if meta.get("format_version", 0) > BUNDLE_VERSION:
-        raise BundleError(f"{directory} was written by a newer clustermass (bundle format {meta['format_version']})")
-    try:
-        kind = meta["kind"]
-        archd = meta["architecture"]
-        pre = meta["preprocessing"]
-        window = WindowConfig.model_validate(pre["window"])
-        kde = KDEConfig.model_validate(pre["kde"])
-        target = pre["target"]
-        if int(archd["n_grid"]) != kde.n_grid:
-            raise BundleError(f"{meta_path}: architecture n_grid {archd['n_grid']} != kde.n_grid {kde.n_grid}")
-        network = build_network(kind, kde.n_grid, **archd.get("arch", {}),
-                                target_mean=float(target["mean"]), target_std=float(target["std"]))
-        expected_sha = meta["weights"]["sha256"]
-    except (KeyError, TypeError, ValidationError, ConfigError) as exc:
-        raise BundleError(f"{meta_path} is incomplete or invalid: {exc!r}") from exc
-    if not w_path.is_file():
-        raise BundleError(f"{directory} has no {WEIGHTS_FILE}")
-    if _sha256(w_path) != expected_sha:
-        raise BundleError(f"{w_path} does not match the checksum in {META_FILE} (corrupt or tampered file)")
-    try:
-        state = load_file(str(w_path))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise BundleError(f"cannot read {w_path}: {exc}") from exc
-    want = network.state_dict()
-    missing = sorted(set(want) - set(state))
-    unexpected = sorted(set(state) - set(want))
-    shapes = [f"{k}: file {tuple(state[k].shape)} vs config {tuple(want[k].shape)}"
-              for k in sorted(set(want) & set(state)) if state[k].shape != want[k].shape]
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"missing {missing}")
-        if unexpected:
-            parts.append(f"unexpected {unexpected}")
-        if shapes:
-            parts.append("shape mismatch " + "; ".join(shapes))
-        raise BundleError(f"weights in {w_path} do not match the {kind} architecture in {META_FILE}: "
-                          + ", ".join(parts))
-    network.load_state_dict(state)
-    for name in ("mean", "std"):
-        if not math.isclose(float(state[f"target_{name}"]), float(target[name]), rel_tol=1e-6, abs_tol=1e-6):
-            raise BundleError(f"{w_path}: target_{name} differs from model.json (inconsistent bundle)")
-    bundle = ModelBundle(kind, window, kde, network, meta, path=directory)
-    if meta.get("calibration"):
-        bundle._calibration = _read_calibration(directory / CALIBRATION_FILE)
     return bundle

@@ -1,0 +1,303 @@
+"""Model bundles: a trained network with exactly the preprocessing it was trained with.
+
+A model bundle is a directory with ``weights.safetensors`` and ``model.json`` (architecture,
+preprocessing, target standardisation, training metadata, weights checksum), ``loss_curve.png``
+and, after SBI calibration, ``calibration.parquet``. :func:`load_model` never unpickles anything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from ._io import atomic_write, write_json_atomic
+from .catalog import Catalogue
+from .config import KDEConfig, WindowConfig
+from .errors import BundleError, ClustermassError, ConfigError
+from .networks import build_network
+
+BUNDLE_FORMAT = "clustermass-model"
+BUNDLE_VERSION = 2  # 2: model.json carries an integrity hash of the preprocessing
+WEIGHTS_FILE = "weights.safetensors"
+META_FILE = "model.json"
+CALIBRATION_FILE = "calibration.parquet"
+
+
+def _dataset(catalogue, rows, kind, window, kde, augment=False, seed=0):
+    """The phase-space inputs of ``rows`` (KDE grids built on the fly)."""
+    from .phasespace import PhaseSpaceDataset
+
+    return PhaseSpaceDataset(catalogue, rows, kind, window, kde, augment=augment, seed=seed)
+
+
+def memory_format(kind: str):
+    """The channels-last torch memory format of a network kind (None for 1D)."""
+    return {"cnn3d": torch.channels_last_3d, "cnn2d": torch.channels_last}.get(kind)
+
+
+def channels_last(network: nn.Module, kind: str) -> nn.Module:
+    """``network`` in the channels-last layout of its kind (faster convolutions, oneDNN/cuDNN)."""
+    fmt = memory_format(kind)
+    return network.to(memory_format=fmt) if fmt is not None else network
+
+
+def integrity_hash(meta: dict) -> str:
+    """SHA-256 of what fixes a bundle's predictions: kind, architecture, preprocessing (window,
+    KDE grid, input scaling, target standardisation) and the weights' own checksum.
+
+    Editing any of them in ``model.json`` (say ``n_grid`` 16 -> 15, or another window) changes
+    every prediction, so :func:`load_model` refuses a bundle whose hash no longer matches.
+    """
+    keys = ("kind", "architecture", "preprocessing", "weights")
+    text = json.dumps({k: meta.get(k) for k in keys}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class ModelBundle:
+    """A trained network with exactly the preprocessing it was trained with.
+
+    Attributes
+    ----------
+    kind : "cnn3d", "cnn2d" or "cnn1d".
+    window : WindowConfig of the phase-space diagrams.
+    kde : KDEConfig (grid size, bandwidth, input scaling).
+    network : the torch module (CPU, eval mode), outputs log10 M200c.
+    meta : the ``model.json`` dict.
+    path : bundle directory once saved or loaded, else None.
+    """
+
+    def __init__(self, kind: str, window: WindowConfig, kde: KDEConfig, network: nn.Module,
+                 meta: dict, path: str | Path | None = None) -> None:
+        self.kind, self.window, self.kde, self.network, self.meta = kind, window, kde, network, meta
+        self.network.eval()
+        self.path = Path(path) if path is not None else None
+        self._calibration: pd.DataFrame | None = None
+        self._posterior = None  # fitted JointKDEPosterior, cached until the calibration changes
+
+    def __repr__(self) -> str:
+        tr = self.meta.get("training", {})
+        return (f"ModelBundle(kind={self.kind!r}, n_grid={self.kde.n_grid}, "
+                f"best_val_loss={tr.get('best_val_loss')}, path={str(self.path) if self.path else None!r})")
+
+    # -------------------------------------------------------------- prediction
+    def predict(self, catalogue: Catalogue, rows=None, batch_size: int = 256, progress: bool = False,
+                num_workers: int = 0, device: str | None = None) -> np.ndarray:
+        """Predicted log10 M200c (the point prediction d_pred) of each diagram.
+
+        Parameters
+        ----------
+        catalogue : diagrams to predict (galaxies inside the bundle's window are used).
+        rows : cluster rows (default: all).
+        batch_size : diagrams per forward pass.
+        progress : show a tqdm bar.
+        num_workers : DataLoader workers building the KDE grids.
+        device : torch device for the forward passes (default: CUDA when available, else CPU).
+
+        Returns
+        -------
+        float64 array (len(rows),) of log10(M200c / h^-1 Msun).
+        """
+        from tqdm.auto import tqdm
+
+        rows = catalogue.rows() if rows is None else np.asarray(rows)
+        out = np.empty(len(rows), dtype=np.float64)
+        if len(rows) == 0:
+            return out
+        ds = _dataset(catalogue, rows, self.kind, self.window, self.kde)
+        loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+        fmt = memory_format(self.kind)
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        net = channels_last(self.network, self.kind).to(dev).eval()
+        i = 0
+        with torch.inference_mode(), tqdm(total=len(rows), desc=f"predict {self.kind}", unit="diagram",
+                                          disable=not progress) as bar:
+            for x, _ in loader:
+                x = x.to(dev, dtype=torch.float32)
+                x = x if fmt is None else x.contiguous(memory_format=fmt)
+                pred = net(x).double().cpu().numpy()
+                out[i : i + len(pred)] = pred
+                i += len(pred)
+                bar.update(len(pred))
+        return out
+
+    # -------------------------------------------------------------- persistence
+    def save(self, directory: str | Path) -> Path:
+        """Write ``weights.safetensors`` and ``model.json`` (and the calibration) atomically."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().contiguous().clone() for k, v in self.network.state_dict().items()}
+        atomic_write(directory / WEIGHTS_FILE, lambda p: save_file(state, str(p), metadata={"format": BUNDLE_FORMAT}))
+        self.meta["weights"] = {"file": WEIGHTS_FILE, "sha256": _sha256(directory / WEIGHTS_FILE),
+                                "keys": sorted(state)}
+        self.meta["integrity"] = integrity_hash(self.meta)
+        cal = self.calibration
+        if cal is not None and (self.path is None or directory.resolve() != self.path.resolve()):
+            _write_calibration(directory / CALIBRATION_FILE, cal)
+        write_json_atomic(directory / META_FILE, self.meta)
+        self.path = directory
+        return directory
+
+    @property
+    def calibration(self) -> pd.DataFrame | None:
+        """The SBI calibration pairs (columns d_pred, log_m_true), or None before calibration."""
+        if self._calibration is None and self.meta.get("calibration") and self.path is not None:
+            self._calibration = _read_calibration(self.path / CALIBRATION_FILE)
+        return self._calibration
+
+    def set_calibration(self, d_pred, log_m_true, bandwidth: float, min_neighbours: float = 5.0) -> None:
+        """Store the (prediction, true mass) pairs of the calibration split and the KDE settings.
+
+        The posterior is fitted first, so a calibration it would refuse is never written.
+
+        Parameters
+        ----------
+        d_pred : predicted log10 M200c of the calibration diagrams.
+        log_m_true : their true log10 M200c.
+        bandwidth : scipy bw_method factor of the joint 2D KDE (SCIENCE.md sec. 6).
+        min_neighbours : kernel weight of calibration pairs below which a prediction is out of range.
+        """
+        from .posterior import JointKDEPosterior
+
+        if self.path is None:
+            raise BundleError("save the bundle (bundle.save(dir)) before calibrating it")
+        d = np.asarray(d_pred, dtype=np.float64).ravel()
+        m = np.asarray(log_m_true, dtype=np.float64).ravel()
+        if len(d) != len(m):
+            raise ClustermassError(f"calibration needs matching arrays, got {len(d)} and {len(m)} values")
+        if not (np.isfinite(d).all() and np.isfinite(m).all()):
+            raise ClustermassError("calibration pairs must be finite (no NaN true masses)")
+        params = {"bandwidth": float(bandwidth), "min_neighbours": float(min_neighbours)}
+        posterior = JointKDEPosterior(**params).fit(d, m)  # raises on unusable calibrations
+        df = pd.DataFrame({"d_pred": d, "log_m_true": m})
+        _write_calibration(self.path / CALIBRATION_FILE, df)
+        self._calibration, self._posterior = df, posterior
+        self.meta["calibration"] = {"file": CALIBRATION_FILE, **params, "n_pairs": int(len(d))}
+        write_json_atomic(self.path / META_FILE, self.meta)
+
+    def posterior(self):
+        """The SBI posterior ``JointKDEPosterior(bandwidth, min_neighbours).fit(d_pred, log_m_true)``, fitted once."""
+        from .posterior import JointKDEPosterior
+
+        if self._posterior is None:
+            cal = self.calibration
+            if cal is None:
+                raise BundleError("this model bundle is not calibrated yet (run `clustermass calibrate`)")
+            c = self.meta["calibration"]
+            self._posterior = JointKDEPosterior(c["bandwidth"], min_neighbours=c.get("min_neighbours", 5.0)).fit(
+                cal["d_pred"].to_numpy(), cal["log_m_true"].to_numpy())
+        return self._posterior
+
+
+def _write_calibration(path: Path, df: pd.DataFrame) -> None:
+    from .catalog import write_parquet
+
+    write_parquet(df[["d_pred", "log_m_true"]].reset_index(drop=True), path)
+
+
+def _read_calibration(path: Path) -> pd.DataFrame:
+    if not path.is_file():
+        raise BundleError(f"model.json records a calibration but {path} is missing")
+    try:
+        df = pd.read_parquet(path)
+    except Exception as exc:
+        raise BundleError(f"cannot read {path}: {exc}") from exc
+    if not {"d_pred", "log_m_true"} <= set(df.columns):
+        raise BundleError(f"{path} must have columns d_pred and log_m_true")
+    return df[["d_pred", "log_m_true"]]
+
+
+def load_model(directory: str | Path) -> ModelBundle:
+    """Load a model bundle; never unpickles (JSON + safetensors only).
+
+    Raises
+    ------
+    BundleError : missing files, unreadable/tampered weights (checksum), or weights whose
+        names/shapes do not match the architecture in ``model.json``.
+    """
+    from pydantic import ValidationError
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    meta_path, w_path = directory / META_FILE, directory / WEIGHTS_FILE
+    if not directory.is_dir():
+        raise BundleError(f"model bundle directory not found: {directory}")
+    if not meta_path.is_file():
+        raise BundleError(f"{directory} has no {META_FILE} (not a clustermass model bundle)")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BundleError(f"{meta_path} is not valid JSON: {exc}") from exc
+    if not isinstance(meta, dict) or meta.get("format") != BUNDLE_FORMAT:
+        raise BundleError(f"{meta_path} is not a clustermass model description (format != {BUNDLE_FORMAT!r})")
+    if meta.get("format_version", 0) > BUNDLE_VERSION:
+        raise BundleError(f"{directory} was written by a newer clustermass (bundle format {meta['format_version']})")
+    if meta.get("format_version", 0) < BUNDLE_VERSION or "integrity" not in meta:
+        raise BundleError(f"{directory} was written by an older clustermass (bundle format "
+                          f"{meta.get('format_version')}, no integrity hash); train it again")
+    if integrity_hash(meta) != meta["integrity"]:
+        raise BundleError(f"{meta_path}: the architecture, preprocessing (window, KDE grid, scaling) or "
+                          "weights checksum were edited after training; predictions would be wrong. "
+                          "Restore the original model.json or train again")
+    try:
+        kind = meta["kind"]
+        archd = meta["architecture"]
+        pre = meta["preprocessing"]
+        window = WindowConfig.model_validate(pre["window"])
+        kde = KDEConfig.model_validate(pre["kde"])
+        target = pre["target"]
+        if int(archd["n_grid"]) != kde.n_grid:
+            raise BundleError(f"{meta_path}: architecture n_grid {archd['n_grid']} != kde.n_grid {kde.n_grid}")
+        network = build_network(kind, kde.n_grid, **archd.get("arch", {}),
+                                target_mean=float(target["mean"]), target_std=float(target["std"]))
+        expected_sha = meta["weights"]["sha256"]
+    except (KeyError, TypeError, ValidationError, ConfigError) as exc:
+        raise BundleError(f"{meta_path} is incomplete or invalid: {exc!r}") from exc
+    if not w_path.is_file():
+        raise BundleError(f"{directory} has no {WEIGHTS_FILE}")
+    if _sha256(w_path) != expected_sha:
+        raise BundleError(f"{w_path} does not match the checksum in {META_FILE} (corrupt or tampered file)")
+    try:
+        state = load_file(str(w_path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise BundleError(f"cannot read {w_path}: {exc}") from exc
+    want = network.state_dict()
+    missing = sorted(set(want) - set(state))
+    unexpected = sorted(set(state) - set(want))
+    shapes = [f"{k}: file {tuple(state[k].shape)} vs config {tuple(want[k].shape)}"
+              for k in sorted(set(want) & set(state)) if state[k].shape != want[k].shape]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing {missing}")
+        if unexpected:
+            parts.append(f"unexpected {unexpected}")
+        if shapes:
+            parts.append("shape mismatch " + "; ".join(shapes))
+        raise BundleError(f"weights in {w_path} do not match the {kind} architecture in {META_FILE}: "
+                          + ", ".join(parts))
+    network.load_state_dict(state)
+    for name in ("mean", "std"):
+        if not math.isclose(float(state[f"target_{name}"]), float(target[name]), rel_tol=1e-6, abs_tol=1e-6):
+            raise BundleError(f"{w_path}: target_{name} differs from model.json (inconsistent bundle)")
+    bundle = ModelBundle(kind, window, kde, network, meta, path=directory)
+    if meta.get("calibration"):
+        bundle._calibration = _read_calibration(directory / CALIBRATION_FILE)
+    return bundle
