@@ -55,7 +55,7 @@ def test_satellite_mean_occupation(m_clf, log_l_min):
     """<N_sat | M, L > L_min> (the Poisson mean of populate_scaled) equals halotools'."""
     ref = ht.Cacciato09Sats(threshold=log_l_min).mean_occupation(prim_haloprop=m_clf)
     mine = gal.mean_satellites(LOG_M200C, log_l_min)
-    assert np.all(ref > 0)
+    assert ref.max() > 0.5  # the grid reaches halos with satellites at every threshold
     np.testing.assert_allclose(mine, ref, rtol=1e-4, atol=1e-6)
 
 
@@ -83,5 +83,5 @@ def test_incomplete_gamma():
 
     a = np.linspace(-0.99, 0.99, 23)
     x = np.geomspace(1e-4, 30, 31)
-    A, X = np.meshgrid(a, x)
+    A, X = (g.ravel() for g in np.meshgrid(a, x))  # halotools takes 1-D arrays
     np.testing.assert_allclose(gal.upper_gamma(A, X), custom_incomplete_gamma(A, X), rtol=1e-6)

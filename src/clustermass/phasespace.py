@@ -67,7 +67,16 @@ class DegenerateKDEWarning(UserWarning):
 
 # ---------------------------------------------------------------------- helpers
 def grid_shape(kind: str, n_grid: int) -> tuple[int, ...]:
-    """Shape of the grid of representation ``kind``: (n,n,n), (n,n) or (n,)."""
+    """Shape of the grid of representation ``kind``: (n,n,n), (n,n) or (n,).
+
+    Parameters
+    ----------
+    kind : "cnn3d", "cnn2d" or "cnn1d".
+    n_grid : grid points per axis.
+
+    >>> grid_shape("cnn3d", 4), grid_shape("cnn1d", 50)
+    ((4, 4, 4), (50,))
+    """
     return (n_grid,) * _kind_dim(kind)
 
 
@@ -83,7 +92,21 @@ def diagram_limits(kind: str, window: WindowConfig) -> tuple[np.ndarray, np.ndar
     cnn3d: (x, y, v) over [-r_max, r_max]^2 x [-v_max, v_max];
     cnn2d: (R_proj, v) over [0, r_max] x [-v_max, v_max] (R_max = r_max: the largest radius whose
     annulus lies entirely inside the square window; galaxies in the corners, R > r_max, still
-    shape the covariance); cnn1d: v over [-v_max, v_max]. Units h^-1 Mpc and km/s.
+    shape the covariance); cnn1d: v over [-v_max, v_max].
+
+    Parameters
+    ----------
+    kind : "cnn3d", "cnn2d" or "cnn1d".
+    window : :class:`clustermass.config.WindowConfig`: ``r_max`` [h^-1 Mpc], ``v_max`` [km/s].
+
+    Returns
+    -------
+    (lows, highs) : (d,) arrays in h^-1 Mpc (positions) and km/s (velocities).
+
+    >>> from clustermass.config import WindowConfig
+    >>> lo, hi = diagram_limits("cnn2d", WindowConfig(r_max=1.6, v_max=2200.0))
+    >>> lo.tolist(), hi.tolist()
+    ([0.0, -2200.0], [1.6, 2200.0])
     """
     r, v = float(window.r_max), float(window.v_max)
     if kind == "cnn3d":
@@ -101,7 +124,16 @@ def grid_axes(kind: str, window: WindowConfig, n_grid: int) -> list[np.ndarray]:
 
 
 def diagram_points(points_xyv: np.ndarray, kind: str) -> np.ndarray:
-    """Columns of ``points_xyv`` (N, 3) used by ``kind``: (x, y, v), (R_proj, v) or (v,)."""
+    """Columns of ``points_xyv`` (N, 3) used by ``kind``: (x, y, v), (R_proj, v) or (v,).
+
+    Parameters
+    ----------
+    points_xyv : (N, 3) x_proj, y_proj [h^-1 Mpc], v_los [km/s].
+    kind : "cnn3d", "cnn2d" or "cnn1d".
+
+    >>> diagram_points(np.array([[3.0, 4.0, 100.0]]), "cnn2d").tolist()
+    [[5.0, 100.0]]
+    """
     p = np.asarray(points_xyv, dtype=np.float64)
     if p.ndim != 2 or p.shape[1] != 3:
         raise ClustermassError(f"points_xyv must have shape (N, 3), got {p.shape}")
@@ -475,6 +507,20 @@ def gaussian_kde_grid(
     -----
     Degenerate input: see the module docstring (0 galaxies -> zeros; singular covariance ->
     kernel regularised to >= ``floor_cells`` cells; both flagged with DegenerateKDEWarning).
+
+    Examples
+    --------
+    The cube is scipy's ``gaussian_kde`` on the grid, divided by its sum:
+
+    >>> from scipy.stats import gaussian_kde
+    >>> pts = np.random.default_rng(0).normal(size=(200, 2))
+    >>> cube = gaussian_kde_grid(pts, [-3, -3], [3, 3], n=25)
+    >>> cube.shape, bool(np.isclose(cube.sum(), 1.0))
+    ((25, 25), True)
+    >>> g = np.linspace(-3, 3, 25)
+    >>> ref = gaussian_kde(pts.T, bw_method=0.175)(np.stack(np.meshgrid(g, g, indexing="ij")).reshape(2, -1))
+    >>> bool(np.abs(cube.ravel() - ref / ref.sum()).max() < 1e-8 * cube.max())
+    True
     """
     p, axes, P, info = _prepare(points, lows, highs, n, bandwidth, label, floor_cells)
     if P is None:
