@@ -31,8 +31,8 @@ import torch
 from clustermass._io import write_json_atomic
 from clustermass.catalog import Catalogue
 from clustermass.config import KDEConfig, TrainingConfig, WindowConfig
+from clustermass.datasets import PhaseSpaceDataset
 from clustermass.networks import build_network
-from clustermass.phasespace import PhaseSpaceDataset
 from clustermass.training import _channels_last, _memory_format, build_inputs, train_model
 
 RESULTS = Path(__file__).parent / "results" / "train.json"
