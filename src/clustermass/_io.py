@@ -72,7 +72,13 @@ def _jsonable(obj: Any) -> Any:
 
 
 def save_figure(fig, path: str | os.PathLike, dpi: int = 120) -> Path:
-    """Save a matplotlib figure atomically as PNG and release it.
+    """Save a matplotlib figure atomically as PNG and release it; returns the written path.
+
+    Parameters
+    ----------
+    fig : matplotlib Figure.
+    path : output file (written through a temporary file and renamed).
+    dpi : resolution [dots per inch].
 
     ``clustermass.plots`` builds pyplot-free ``Figure`` objects (nothing to release); a figure
     made with pyplot (it has a canvas manager) is closed through pyplot, which only then is

@@ -23,7 +23,13 @@ SPLIT_COLOURS = {"train": "C0", "test": "C1", "eval": "C2", "none": "C7"}
 
 
 def plot_mass_distribution(clusters, path) -> Path:
-    """Fig. 1: histogram of log M200c per split (counts per 0.05 dex)."""
+    """Fig. 1: histogram of log M200c per split (counts per 0.05 dex).
+
+    Parameters
+    ----------
+    clusters : the catalogue's clusters table (``log_m200c`` [log10 h^-1 Msun], ``split``).
+    path : output PNG.
+    """
     fig, ax = subplots(figsize=(6, 4))
     m = clusters["log_m200c"].to_numpy(float)
     fin = np.isfinite(m)
@@ -187,7 +193,16 @@ def plot_richness(binned: dict, curves: dict, reference, path) -> Path:
 
 def plot_contamination(log_m_true, eps, contamination, d_min, path, label: str = "cnn3d") -> Path:
     """Fig. 6: residual vs true mass coloured by interloper-cluster contamination (mass ratio),
-    marker size ~ 1 / phase-space distance of the closest interloper cluster."""
+    marker size ~ 1 / phase-space distance of the closest interloper cluster.
+
+    Parameters
+    ----------
+    log_m_true : (N,) log10 M200c,true [h^-1 Msun].
+    eps : (N,) residuals [dex].
+    contamination : (N,) summed interloper-cluster mass / cluster mass (0 = clean).
+    d_min : (N,) phase-space distance of the closest interloper cluster (eq. 6, dimensionless).
+    path : output PNG; label : model name (title).
+    """
     from matplotlib.colors import LogNorm
 
     t = np.asarray(log_m_true, float)
