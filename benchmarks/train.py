@@ -33,8 +33,8 @@ from clustermass.bundle import channels_last as _channels_last
 from clustermass.bundle import memory_format as _memory_format
 from clustermass.catalog import Catalogue
 from clustermass.config import KDEConfig, TrainingConfig, WindowConfig
+from clustermass.datasets import PhaseSpaceDataset
 from clustermass.networks import build_network
-from clustermass.phasespace import PhaseSpaceDataset
 from clustermass.training import build_inputs, train_model
 
 RESULTS = Path(__file__).parent / "results" / "train.json"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import pandas as pd
 import pytest
 
 from clustermass import cosmology
@@ -20,7 +19,6 @@ from clustermass.baselines import (
     virial_log_m,
     virial_mass,
 )
-from clustermass.catalog import Catalogue
 
 S = 400.0  # +-S stays within one 1000 km/s gap
 HEX = np.array([[math.cos(k * math.pi / 3), math.sin(k * math.pi / 3)] for k in range(6)])
@@ -116,16 +114,15 @@ def test_sigma_mass_recovers_evrard_input():
     assert est.log_m == pytest.approx(lm, abs=0.06)  # sigma error ~1.3% -> 0.017 dex
 
 
-def test_run_baselines_on_catalogue():
+def test_run_baselines_on_catalogue(assemble_catalogue):
     rng = np.random.default_rng(3)
-    gals, clusters = [], []
-    for i, (lm, n) in enumerate([(14.2, 40), (14.8, 80), (14.0, 3)]):
+    cases = [(14.2, 40), (14.8, 80), (14.0, 3)]
+    gals = []
+    for lm, n in cases:
         v = rng.normal(0, evrard_sigma(lm, 0.05), n)
-        gals.append(pd.DataFrame({"diagram_id": i, "x_proj": rng.uniform(-1, 1, n),
-                                  "y_proj": rng.uniform(-1, 1, n), "v_los": v}))
-        clusters.append(dict(diagram_id=i, halo_id=i, split="eval", log_m200c=lm, r200c=1.0, v200c=1000.0,
-                             redshift=0.05, n_gal=n, n_mem=n))
-    cat = Catalogue(pd.DataFrame(clusters), pd.concat(gals, ignore_index=True))
+        gals.append({"x_proj": rng.uniform(-1, 1, n), "y_proj": rng.uniform(-1, 1, n), "v_los": v})
+    lm, n = (np.array(c) for c in zip(*cases, strict=True))
+    cat = assemble_catalogue(gals, split="eval", log_m200c=lm, v200c=1000.0, redshift=0.05, n_mem=n)
     out = run_baselines(cat, progress=False)
     assert list(out["diagram_id"]) == [0, 1, 2]
     assert np.isfinite(out[["log_m_sigma", "log_m_virial"]].to_numpy()[:2]).all()

@@ -10,8 +10,6 @@ import pytest
 from scipy.stats import norm
 
 from clustermass import evaluation as ev
-from clustermass.baselines import evrard_sigma
-from clustermass.catalog import Catalogue
 from clustermass.errors import ClustermassError
 from clustermass.posterior import JointKDEPosterior
 
@@ -113,35 +111,6 @@ def test_binned_statistics():
 
 
 # ---------------------------------------------------------------------- fake catalogue + bundles
-def make_catalogue(n_test=200, n_eval=150, seed=0, halos=True) -> Catalogue:
-    """Clusters with Gaussian member velocities (Evrard sigma) + uniform interlopers."""
-    rng = np.random.default_rng(seed)
-    n = n_test + n_eval
-    lm = rng.uniform(13.7, 15.1, n)
-    n_mem = np.round(8 * 10 ** (0.9 * (lm - 13.7))).astype(int) + 5
-    clusters = pd.DataFrame(
-        dict(diagram_id=np.arange(n) + 100, halo_id=np.arange(n), split=["test"] * n_test + ["eval"] * n_eval,
-             log_m200c=lm, r200c=1.0, v200c=800.0, redshift=0.04, n_mem=n_mem)
-    )
-    gals = []
-    for i in range(n):
-        k = rng.poisson(5)
-        v = np.concatenate([rng.normal(0, evrard_sigma(lm[i], 0.04), n_mem[i]), rng.uniform(-2200, 2200, k)])
-        r = 0.8 * np.sqrt(rng.uniform(0, 1, n_mem[i] + k))
-        phi = rng.uniform(0, 2 * np.pi, n_mem[i] + k)
-        gals.append(pd.DataFrame(dict(diagram_id=i + 100, x_proj=r * np.cos(phi), y_proj=r * np.sin(phi),
-                                      v_los=v, is_member=np.arange(n_mem[i] + k) < n_mem[i])))
-    gal = pd.concat(gals, ignore_index=True)
-    clusters["n_gal"] = gal.groupby("diagram_id").size().to_numpy()
-    hal = None
-    if halos:
-        sel = rng.choice(n, n // 4, replace=False)
-        hal = pd.DataFrame(dict(diagram_id=sel + 100, halo_id=10_000 + sel, log_m200c=lm[sel] + rng.uniform(-0.3, 1, sel.size),
-                                x_proj=rng.uniform(-1.5, 1.5, sel.size), y_proj=rng.uniform(-1.5, 1.5, sel.size),
-                                v_los=rng.uniform(-2500, 2500, sel.size)))
-    return Catalogue(clusters, gal, hal)
-
-
 class FakeBundle:
     """predict = truth + N(0, noise) (seeded); posterior calibrated on the test split."""
 
@@ -160,8 +129,8 @@ class FakeBundle:
         return self._post
 
 
-def test_evaluate_predictions_writes_metrics_and_figures(tmp_path):
-    cat = make_catalogue()
+def test_evaluate_predictions_writes_metrics_and_figures(tmp_path, evrard_catalogue):
+    cat = evrard_catalogue()
     rows = cat.rows("eval")
     t = cat.clusters["log_m200c"].to_numpy()[rows]
     rng = np.random.default_rng(5)
@@ -188,8 +157,8 @@ def test_evaluate_predictions_writes_metrics_and_figures(tmp_path):
         ev.evaluate_predictions(cat, rows, results, None, primary="cnn2d")
 
 
-def test_evaluate_with_bundles_and_baselines(tmp_path):
-    cat = make_catalogue(seed=1)
+def test_evaluate_with_bundles_and_baselines(tmp_path, evrard_catalogue):
+    cat = evrard_catalogue(seed=1)
     bundles = {"cnn3d": FakeBundle("cnn3d", 0.08, cat, 1), "cnn1d": FakeBundle("cnn1d", 0.2, cat, 2)}
     m = ev.evaluate(bundles, cat, tmp_path, primary="cnn3d", progress=False)
     assert set(m["models"]) == {"cnn3d", "cnn1d", "sigma_evrard", "virial"}
@@ -217,8 +186,8 @@ def test_evaluate_with_bundles_and_baselines(tmp_path):
         assert not {"_diagnostics", "pit", "tarp"} & set(mm)
 
 
-def test_evaluate_with_real_joint_kde_posterior(tmp_path):
-    cat = make_catalogue(n_test=300, n_eval=100, seed=2, halos=False)
+def test_evaluate_with_real_joint_kde_posterior(tmp_path, evrard_catalogue):
+    cat = evrard_catalogue(n_test=300, n_eval=100, seed=2, halos=False)
     m = ev.evaluate({}, cat, tmp_path, primary="cnn3d", progress=False, figures=False)
     assert m["primary"] == "sigma_evrard"  # falls back to the first available method
     assert "primary model 'cnn3d' absent" in m["notes"][0]

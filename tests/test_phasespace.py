@@ -3,17 +3,15 @@
 import warnings
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 from scipy.stats import gaussian_kde
 
-from clustermass.catalog import Catalogue
 from clustermass.config import KDEConfig, WindowConfig
+from clustermass.datasets import PhaseSpaceDataset
 from clustermass.errors import CatalogueError
 from clustermass.phasespace import (
     DegenerateKDEWarning,
-    PhaseSpaceDataset,
     augment_points,
     diagram_grid,
     gaussian_kde_grid,
@@ -181,6 +179,19 @@ def test_torch_routes_correlated_data():
         assert rel_err(t32[b].numpy(), scipy_grid(p, LO3, -LO3, 24)) < 1e-5
 
 
+@pytest.mark.gpu
+def test_torch_kde_on_cuda_matches_numpy():
+    """The batched torch path on a CUDA device (float32 and float64) against the exact numpy cube."""
+    pts = [sample(3, 200, 0.3, seed=21), sample(3, 40, 0.0, seed=22), sample(3, 200, 0.995, seed=23)]
+    exact = [gaussian_kde_grid(p, LO3, -LO3, 24, rtol=1e-14) for p in pts]
+    t32 = gaussian_kde_grid_torch(pts, LO3, -LO3, 24, device="cuda", dtype=torch.float32)
+    t64 = gaussian_kde_grid_torch(pts, LO3, -LO3, 24, device="cuda", dtype=torch.float64)
+    assert t32.device.type == "cuda" and t32.dtype == torch.float32
+    for b in range(len(pts)):
+        assert rel_err(t32[b].cpu().numpy(), exact[b]) < 2e-6
+        assert rel_err(t64[b].cpu().numpy(), exact[b]) < 1e-10
+
+
 def test_diagram_kinds():
     window, kde = WindowConfig(), KDEConfig(n_grid=24)
     p = sample(3, 80, 0.0, seed=11)
@@ -201,27 +212,8 @@ def test_diagram_kinds():
 
 
 # ---------------------------------------------------------------------- dataset
-def make_catalogue(n=6, seed=0):
-    rng = np.random.default_rng(seed)
-    ngal = rng.integers(20, 60, n)
-    ngal[-1] = 0  # one empty diagram
-    clusters = pd.DataFrame({
-        "diagram_id": np.arange(100, 100 + n), "halo_id": np.arange(n),
-        "split": ["train"] * n, "log_m200c": rng.uniform(13.7, 15.2, n), "r200c": np.ones(n),
-        "v200c": np.full(n, 800.0), "redshift": np.full(n, 0.05), "n_gal": ngal,
-        "n_mem": np.zeros(n, int),
-    })
-    m = ngal.sum()
-    gal = pd.DataFrame({
-        "diagram_id": np.repeat(clusters["diagram_id"].to_numpy(), ngal),
-        "x_proj": rng.normal(0, 0.5, m), "y_proj": rng.normal(0, 0.4, m) + 0.2,
-        "v_los": rng.normal(0, 600, m),
-    })
-    return Catalogue(clusters, gal)
-
-
-def test_dataset_items_and_collate():
-    cat = make_catalogue()
+def test_dataset_items_and_collate(gaussian_catalogue):
+    cat = gaussian_catalogue()
     kde, window = KDEConfig(n_grid=12), WindowConfig()
     with pytest.warns(DegenerateKDEWarning):
         ds = PhaseSpaceDataset(cat, cat.rows(), "cnn3d", window, kde)
@@ -242,8 +234,8 @@ def test_dataset_items_and_collate():
     assert ds2[0][0].shape == (1, 12, 12) and float(ds2[1][1]) == pytest.approx(cat.clusters["log_m200c"][0])
 
 
-def test_dataloader_workers_and_cache(tmp_path):
-    cat = make_catalogue()
+def test_dataloader_workers_and_cache(tmp_path, gaussian_catalogue):
+    cat = gaussian_catalogue()
     kde, window = KDEConfig(n_grid=8), WindowConfig()
     ds = PhaseSpaceDataset(cat, [0, 1, 2, 3], "cnn1d", window, kde, cache_dir=tmp_path)
     loader = torch.utils.data.DataLoader(ds, batch_size=2, num_workers=2)
@@ -254,8 +246,8 @@ def test_dataloader_workers_and_cache(tmp_path):
     assert all(ds._open_cache() is None and ds._filled[i] for i in range(4))  # filled by workers
 
 
-def test_augmentation_deterministic_and_mass_preserving():
-    cat = make_catalogue()
+def test_augmentation_deterministic_and_mass_preserving(gaussian_catalogue):
+    cat = gaussian_catalogue()
     kde, window = KDEConfig(n_grid=12), WindowConfig()
     ds = PhaseSpaceDataset(cat, [0, 1, 2], "cnn3d", window, kde, augment=True, seed=5)
     base = PhaseSpaceDataset(cat, [0, 1, 2], "cnn3d", window, kde)
@@ -275,8 +267,8 @@ def test_augmentation_deterministic_and_mass_preserving():
     assert float(a1.sum()) == pytest.approx(1000.0, rel=1e-5)
 
 
-def test_d4_augmentation_is_a_symmetry_of_the_cube():
-    cat = make_catalogue()
+def test_d4_augmentation_is_a_symmetry_of_the_cube(gaussian_catalogue):
+    cat = gaussian_catalogue()
     kde, window = KDEConfig(n_grid=14), WindowConfig()
     base = PhaseSpaceDataset(cat, [0, 1, 2, 3], "cnn3d", window, kde)[2][0][0].numpy()
     syms = []
@@ -297,8 +289,8 @@ def test_augment_points_reflection():
     assert seen == {(1.0, 0.0), (0.0, 1.0), (-1.0, 0.0), (0.0, -1.0)}
 
 
-def test_cache_round_trip(tmp_path):
-    cat = make_catalogue()
+def test_cache_round_trip(tmp_path, gaussian_catalogue):
+    cat = gaussian_catalogue()
     kde, window = KDEConfig(n_grid=10), WindowConfig()
     rows = [0, 1, 3]
     ds = PhaseSpaceDataset(cat, rows, "cnn3d", window, kde, cache_dir=tmp_path)

@@ -3,12 +3,14 @@
 import json
 
 import pandas as pd
+import pytest
 import yaml
 
 from clustermass.config import load_config
 from clustermass.pipeline import run_pipeline
 
 
+@pytest.mark.slow
 def test_run_pipeline_tiny(tmp_path):
     out = tmp_path / "run"
     cfg = load_config("tiny", seed=1)
@@ -42,6 +44,7 @@ def test_run_pipeline_tiny(tmp_path):
     assert "<html" in html.lower() and "data:image/png;base64" in html
 
 
+@pytest.mark.slow
 def test_infer_paths_with_a_trained_bundle(tmp_path):
     """`infer` on a catalogue (with per-cluster figures) and on sky tables of a mock sky."""
     from clustermass.catalog import read_catalogue, write_catalogue

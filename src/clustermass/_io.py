@@ -72,8 +72,18 @@ def _jsonable(obj: Any) -> Any:
 
 
 def save_figure(fig, path: str | os.PathLike, dpi: int = 120) -> Path:
-    """Save a matplotlib figure atomically as PNG and close it."""
-    import matplotlib.pyplot as plt
+    """Save a matplotlib figure atomically as PNG and release it; returns the written path.
+
+    Parameters
+    ----------
+    fig : matplotlib Figure.
+    path : output file (written through a temporary file and renamed).
+    dpi : resolution [dots per inch].
+
+    ``clustermass.plots`` builds pyplot-free ``Figure`` objects (nothing to release); a figure
+    made with pyplot (it has a canvas manager) is closed through pyplot, which only then is
+    imported.
+    """
 
     def _w(p: Path) -> None:
         fig.savefig(p, dpi=dpi, bbox_inches="tight", format="png")
@@ -81,7 +91,10 @@ def save_figure(fig, path: str | os.PathLike, dpi: int = 120) -> Path:
     try:
         return atomic_write(path, _w)
     finally:
-        plt.close(fig)
+        if getattr(fig.canvas, "manager", None) is not None:
+            import matplotlib.pyplot as plt
+
+            plt.close(fig)
 
 
 def guard_output(path: str | os.PathLike, existing: Any, wanted: Any, overwrite: bool, what: str) -> None:

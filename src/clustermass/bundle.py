@@ -32,7 +32,7 @@ CALIBRATION_FILE = "calibration.parquet"
 
 def _dataset(catalogue, rows, kind, window, kde, augment=False, seed=0):
     """The phase-space inputs of ``rows`` (KDE grids built on the fly)."""
-    from .phasespace import PhaseSpaceDataset
+    from .datasets import PhaseSpaceDataset
 
     return PhaseSpaceDataset(catalogue, rows, kind, window, kde, augment=augment, seed=seed)
 

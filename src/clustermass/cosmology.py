@@ -44,13 +44,41 @@ def hubble(z, cosmo: str = SIMULATION_COSMOLOGY):
 
 
 def r200c(log_m, z, cosmo: str = SIMULATION_COSMOLOGY):
-    """R200c [h^-1 Mpc, proper] of halos of log10 M200c [h^-1 Msun] at redshift z."""
+    """R200c [h^-1 Mpc, proper] of halos of log10 M200c [h^-1 Msun] at redshift z.
+
+    Parameters
+    ----------
+    log_m : array_like
+        log10 M200c [h^-1 Msun].
+    z : array_like
+        Redshift.
+    cosmo : str
+        colossus cosmology name (default: the simulation's, Planck 2013).
+
+    >>> round(float(r200c(15.0, 0.0)), 2)  # h^-1 Mpc
+    1.63
+    """
     use(cosmo)
     return _mass_so.M_to_R(10.0 ** np.asarray(log_m, dtype=float), np.asarray(z, dtype=float), "200c") / 1e3
 
 
 def v200c(log_m, z, cosmo: str = SIMULATION_COSMOLOGY, r200=None):
-    """Circular velocity at R200c, sqrt(G M200c / R200c) [km/s] (pass ``r200`` if already known)."""
+    """Circular velocity at R200c, sqrt(G M200c / R200c) [km/s].
+
+    Parameters
+    ----------
+    log_m : array_like
+        log10 M200c [h^-1 Msun].
+    z : array_like
+        Redshift.
+    cosmo : str
+        colossus cosmology name.
+    r200 : array_like, optional
+        R200c [h^-1 Mpc, proper] if already known (skips :func:`r200c`).
+
+    >>> round(float(v200c(15.0, 0.0)))  # km/s
+    1626
+    """
     r = r200c(log_m, z, cosmo) if r200 is None else np.asarray(r200, dtype=float)
     return np.sqrt(G_KMS2_MPC_MSUN * 10.0 ** np.asarray(log_m, dtype=float) / r)
 

@@ -457,16 +457,31 @@ def _make_figures(catalogue, rows, results, t, n_mem, primary, contamination, fi
 
     _try("mass_distribution", lambda: pe.plot_mass_distribution(catalogue.clusters, fig_dir / "mass_distribution.png"))
     example = int(rows[np.nanargmin(np.abs(t - np.nanmedian(t)))]) if len(rows) else 0
-    _try("example_diagram", lambda: pe.plot_example_diagram(catalogue, example, fig_dir / "example_diagram.png", window, kde))
+    _try("example_diagram", lambda: _example_diagram_figure(catalogue, example, fig_dir / "example_diagram.png",
+                                                           window, kde))
     s = results[primary]
-    _try("predictions", lambda: pe.plot_predictions(t, s, fig_dir / "predictions.png", label=primary))
     eps_all = {n: residuals(r[POINT_ESTIMATE].to_numpy(float), t) for n, r in results.items()}
-    _try("method_comparison", lambda: pe.plot_method_comparison(t, eps_all, fig_dir / "method_comparison.png"))
+
+    def predictions():  # computed inside _try: a failure costs the figure, not the metrics
+        edges = mass_bins(t)
+        bands = {k: binned_statistics(t, s[k].to_numpy(float), edges)["mean"].to_numpy()
+                 for k in ("log_m_median", "log_m_lo1", "log_m_hi1", "log_m_lo2", "log_m_hi2")}
+        return pe.plot_predictions(edges, bands, binned_statistics(t, eps_all[primary], edges),
+                                   fig_dir / "predictions.png", label=primary, n_clusters=len(t))
+
+    def method_comparison():
+        edges = mass_bins(t)
+        stats = {n: binned_statistics(t, e, edges) for n, e in eps_all.items()}
+        summary = {n: (np.mean(e[np.isfinite(e)]), np.std(e[np.isfinite(e)], ddof=1)) for n, e in eps_all.items()}
+        return pe.plot_method_comparison(edges, stats, summary, fig_dir / "method_comparison.png")
+
+    _try("predictions", predictions)
+    _try("method_comparison", method_comparison)
     rich = {}
     for n, r in results.items():
         pl, _, _ = power_law_residuals(t, r["d_pred"].to_numpy(float))
         rich[n] = (n_mem, pl, models[n])  # the eq.-7 fit of the metrics
-    _try("richness", lambda: pe.plot_richness(rich, fig_dir / "richness.png"))
+    _try("richness", lambda: pe.plot_richness(*_richness_figure_data(rich), fig_dir / "richness.png"))
     if contamination is not None:
         c = contamination.set_index("diagram_id").reindex(catalogue.clusters["diagram_id"].to_numpy()[rows])
         _try("contamination", lambda: pe.plot_contamination(
@@ -476,6 +491,88 @@ def _make_figures(catalogue, rows, results, t, n_mem, primary, contamination, fi
     if post is not None:
         _posterior_figures(post, s["d_pred"].to_numpy(float), t, fig_dir, _try, diag)
     return made
+
+
+def _example_diagram_figure(catalogue, row: int, path, window=None, kde=None):
+    """Fig. 2 of one catalogue row: its galaxies and (when it can be built) its 3D KDE cube."""
+    from .config import KDEConfig, WindowConfig
+    from .phasespace import diagram_grid
+    from .plots import evaluation as pe
+
+    window = window or WindowConfig()
+    kde = kde or KDEConfig()
+    pts = catalogue.points(row)
+    s, e = catalogue.offsets[row]
+    gal = catalogue.galaxies.iloc[s:e]
+    mem = gal["is_member"].to_numpy(bool) if "is_member" in gal else np.ones(len(pts), bool)
+    try:
+        cube = np.asarray(diagram_grid(pts, "cnn3d", window, kde))
+    except Exception:  # too few points for a cube: scatter panels only
+        cube = None
+    cl = catalogue.clusters.iloc[row]
+    title = f"diagram {cl['diagram_id']}: log M = {cl['log_m200c']:.2f}, N = {len(pts)}"
+    return pe.plot_example_diagram(pts, mem, path, cube=cube, r_max=window.r_max, v_max=window.v_max, title=title)
+
+
+def richness_binned_scatter(n_mem, resid, n_bins: int = 8, min_count: int = 5):
+    """RMS residual in quantile bins of richness (the points of the paper's Fig. 8).
+
+    Parameters
+    ----------
+    n_mem : array_like
+        Number of members per cluster.
+    resid : array_like
+        Residuals about the mean relation [dex].
+    n_bins : int
+        Number of quantile bins of ``n_mem``.
+    min_count : int
+        Bins with fewer clusters are left out.
+
+    Returns
+    -------
+    (n_med, rms, rms_err) : lists
+        Median N_mem, RMS residual [dex] and its error ``rms / sqrt(2 (n - 1))`` [dex] per bin.
+    """
+    n = np.asarray(n_mem, float)
+    r = np.asarray(resid, float)
+    ok = np.isfinite(n) & np.isfinite(r) & (n > 0)
+    edges = np.unique(np.quantile(n[ok], np.linspace(0, 1, n_bins + 1)))
+    idx = np.clip(np.searchsorted(edges, n[ok], side="right") - 1, 0, len(edges) - 2)
+    xs, ys, es = [], [], []
+    for b in range(len(edges) - 1):
+        sel = r[ok][idx == b]
+        if len(sel) < min_count:
+            continue
+        s = np.sqrt(np.mean(sel**2))
+        xs.append(np.median(n[ok][idx == b]))
+        ys.append(s)
+        es.append(s / np.sqrt(2 * (len(sel) - 1)))
+    return xs, ys, es
+
+
+def _richness_figure_data(fits: dict, n_bins: int = 8):
+    """Arguments ``(binned, curves, reference)`` of :func:`clustermass.plots.evaluation.plot_richness`.
+
+    ``fits``: name -> ``(n_mem, residuals, fit dict from fit_richness_scatter)``; models with
+    fewer than 10 usable clusters are not drawn.
+    """
+    all_n = np.concatenate([np.asarray(v[0], float) for v in fits.values()])
+    all_n = all_n[np.isfinite(all_n) & (all_n > 0)]
+    if len(all_n) == 0:
+        all_n = np.array([10.0, 300.0])
+    grid = np.geomspace(max(all_n.min(), 1), all_n.max(), 100)
+    binned, curves = {}, {}
+    for name, (n, r, fit) in fits.items():
+        n = np.asarray(n, float)
+        r = np.asarray(r, float)
+        if (np.isfinite(n) & np.isfinite(r) & (n > 0)).sum() < 10:
+            binned[name] = None
+            continue
+        binned[name] = richness_binned_scatter(n, r, n_bins)
+        if np.isfinite(fit.get("sigma_N", np.nan)):
+            curves[name] = (grid, richness_sigma(grid, fit["sigma_N"], fit["sigma_0"]),
+                            rf"{name}: $\sigma_N$={fit['sigma_N']:.3f}, $\sigma_0$={fit['sigma_0']:.3f}")
+    return binned, curves, (grid, velocity_dispersion_scatter(grid))
 
 
 def _posterior_figures(post, d_pred, t, fig_dir, _try, diag=None) -> None:

@@ -142,6 +142,21 @@ class JointKDEPosterior:
         Largest midpoint error of the interpolated quantiles/mean [dex] over the cells that are
         interpolated (cells failing ``interp_tol`` are computed exactly and do not count); NaN
         until the first interpolated ``summarize``.
+
+    Examples
+    --------
+    Calibrate on (prediction, truth) pairs of a test split and summarise a new prediction:
+
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(1)
+    >>> m = rng.uniform(13.7, 15.2, 2000)      # true log10 M200c [h^-1 Msun]
+    >>> d = m + rng.normal(0.0, 0.1, m.size)   # network predictions, 0.1 dex scatter
+    >>> post = JointKDEPosterior(bandwidth=0.2).fit(d, m)
+    >>> s = post.summarize([14.5])
+    >>> [round(float(s[c].iloc[0]), 1) for c in ("log_m_lo1", "log_m_median", "log_m_hi1")]
+    [14.4, 14.5, 14.6]
+    >>> bool(s["out_of_range"].iloc[0]), bool(post.summarize([17.0])["out_of_range"].iloc[0])
+    (False, True)
     """
 
     def __init__(

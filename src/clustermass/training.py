@@ -6,7 +6,7 @@ halos; the sight lines of one halo never straddle the split), early stopping on 
 loss with the best weights restored, checkpoints in ``out_dir/checkpoints`` so an interrupted
 run resumes, seeded for repeatable CPU runs, mixed precision and channels-last on a GPU.
 
-Inputs are built by :class:`clustermass.phasespace.PhaseSpaceDataset` (KDE on the fly, scaled by
+Inputs are built by :class:`clustermass.datasets.PhaseSpaceDataset` (KDE on the fly, scaled by
 ``kde.input_scale``). Without augmentation each diagram's grid is fixed, so by default the grids
 are built once (in parallel with ``training.num_workers`` DataLoader workers) and kept in memory
 (on the GPU when it fits); nothing is written to disk. With ``augment`` or a cache larger than

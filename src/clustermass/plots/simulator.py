@@ -2,18 +2,15 @@
 the mass distribution per split (paper Fig. 1) and example diagrams.
 
 Every function takes a mock :class:`clustermass.catalog.Catalogue` and returns a matplotlib
-Figure (Agg); save it with ``clustermass._io.save_figure``.
+Figure (pyplot-free); save it with ``clustermass._io.save_figure``.
 """
 
 from __future__ import annotations
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from ..baselines import evrard_sigma  # noqa: E402  (also P.evrard_sigma for scripts/simulator_checks.py)
+from ..baselines import evrard_sigma  # (also P.evrard_sigma for scripts/simulator_checks.py)
+from . import subplots
 
 MASS_LABEL = r"$\log_{10} M_{200c}\ [h^{-1}\,M_\odot]$"
 
@@ -50,7 +47,7 @@ def plot_sigma_mass(cat, label: str = "members", extra=None):
 
     ``extra``: optional (catalogue, label) drawn as a second binned curve.
     """
-    fig, ax = plt.subplots(figsize=(5.5, 4.2))
+    fig, ax = subplots(figsize=(5.5, 4.2))
     lm, z, s = member_dispersion(cat)
     ax.scatter(lm, s, s=3, alpha=0.25, color="C0", rasterized=True)
     edges = np.arange(13.7, 15.31, 0.1)
@@ -97,7 +94,7 @@ def plot_interlopers(cat):
             cl["has_interloper_cluster"][sel].mean() if "has_interloper_cluster" in cl else np.nan
         )
     _, med, lo, hi = _binned(lm, cl["interloper_fraction"].to_numpy(), edges)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = subplots(1, 2, figsize=(10, 4))
     ax = axes[0]
     ax.plot(mid, fg, "o-", label="all galaxies in the bin")
     ax.fill_between(
@@ -135,7 +132,7 @@ def plot_richness(cat):
     cl = cat.clusters
     lm = cl["log_m200c"].to_numpy()
     edges = np.arange(13.7, 15.31, 0.1)
-    fig, ax = plt.subplots(figsize=(5.5, 4.2))
+    fig, ax = subplots(figsize=(5.5, 4.2))
     for col, c, lab in (
         ("n_gal", "C0", r"$N_\mathrm{gal}$ (window)"),
         ("n_mem", "C2", r"$N_\mathrm{mem}$"),
@@ -154,7 +151,7 @@ def plot_mass_distribution(cat):
     """Diagrams per 0.05 dex of log mass for each split (paper Fig. 1)."""
     cl = cat.clusters
     edges = np.arange(13.7, 15.25, 0.05)
-    fig, ax = plt.subplots(figsize=(5.5, 4.2))
+    fig, ax = subplots(figsize=(5.5, 4.2))
     for split in ("train", "test", "eval"):
         sel = cl["split"] == split
         ax.hist(
@@ -173,7 +170,7 @@ def plot_mass_distribution(cat):
 def plot_example_diagrams(cat, rows, r_max: float = 1.6, v_max: float = 2200.0):
     """Sky plane (x, y) and (R_proj, v_los) of a few diagrams; members vs interlopers."""
     rows = list(rows)
-    fig, axes = plt.subplots(2, len(rows), figsize=(3.2 * len(rows), 6.2), squeeze=False)
+    fig, axes = subplots(2, len(rows), figsize=(3.2 * len(rows), 6.2), squeeze=False)
     for j, r in enumerate(rows):
         s, e = cat.offsets[r]
         g = cat.galaxies.iloc[s:e]

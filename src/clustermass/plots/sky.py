@@ -1,17 +1,15 @@
 """Real-data figures: comparison with published masses (paper Fig. 9), the mass function
 (paper Fig. 10), a cluster's field in projected phase space, and the survey on the sky.
 
-Every function returns a matplotlib Figure (Agg); save it with ``clustermass._io.save_figure``.
+Every function returns a pyplot-free matplotlib Figure; save it with ``clustermass._io.save_figure``.
 """
 
 from __future__ import annotations
 
-import matplotlib
+import numpy as np
+import pandas as pd
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
+from . import subplots
 
 MASS_LABEL = r"$\log_{10} M_{200c}\ [h^{-1}\,M_\odot]$"
 
@@ -20,7 +18,7 @@ def plot_contrast_histogram(table: pd.DataFrame, column: str = "contrast", bins:
     """Histogram (density) of the normalised contrast with a unit Gaussian (paper Fig. 9 bottom)."""
     c = table[column].to_numpy(dtype=float)
     c = c[np.isfinite(c)]
-    fig, ax = plt.subplots(figsize=(5.5, 4))
+    fig, ax = subplots(figsize=(5.5, 4))
     lim = max(4.0, float(np.percentile(np.abs(c), 99))) if len(c) else 4.0
     ax.hist(np.clip(c, -lim, lim), bins=bins, range=(-lim, lim), density=True, color="C0", alpha=0.6,
             label=f"N = {len(c)}: mean {np.mean(c) if len(c) else np.nan:.2f}, "
@@ -43,7 +41,7 @@ def plot_mass_comparison(table: pd.DataFrame, pred: str = "log_m_pred", ref: str
     hi = np.clip(table["log_m_hi1"].to_numpy(dtype=float) - p, 0, None)
     rerr = table["log_m_ref_err"].to_numpy(dtype=float) if "log_m_ref_err" in table else np.full(len(p), np.nan)
     xerr = np.where(np.isfinite(rerr), rerr, 0.0)[ok]
-    fig, ax = plt.subplots(figsize=(5, 5))
+    fig, ax = subplots(figsize=(5, 5))
     ax.errorbar(r[ok], p[ok], yerr=[lo[ok], hi[ok]], xerr=xerr, fmt="o", ms=2.5, lw=0.6,
                 alpha=0.6, color="C0", ecolor="0.6")
     if ok.any():
@@ -60,7 +58,7 @@ def plot_mass_comparison(table: pd.DataFrame, pred: str = "log_m_pred", ref: str
 def plot_mass_function(table: pd.DataFrame, log_m_min: float | None = None, theory: bool = True,
                        theory_label: str = "Tinker et al. 2008 (Planck 2018)"):
     """Estimated mass function with its bootstrap band and the theory (paper Fig. 10)."""
-    fig, ax = plt.subplots(figsize=(5.5, 4.2))
+    fig, ax = subplots(figsize=(5.5, 4.2))
     m = table["log_m"].to_numpy(dtype=float)
     if "dn_dlogm_lo" in table:
         ax.fill_between(m, table["dn_dlogm_lo"], table["dn_dlogm_hi"], color="C0", alpha=0.3,
@@ -88,7 +86,7 @@ def plot_mass_function(table: pd.DataFrame, log_m_min: float | None = None, theo
 
 def plot_cluster_field(points: np.ndarray, r_max: float, v_max: float, title: str = ""):
     """One cluster in its window: sky plane (x east, y north) and R_proj vs v_los."""
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(8, 3.6))
+    fig, (a1, a2) = subplots(1, 2, figsize=(8, 3.6))
     x, y, v = points[:, 0], points[:, 1], points[:, 2]
     a1.scatter(x, y, c=v, s=8, cmap="coolwarm", vmin=-v_max, vmax=v_max)
     a1.set_xlim(r_max, -r_max)  # east to the left, as on the sky
@@ -110,7 +108,7 @@ def plot_sky_map(galaxies: pd.DataFrame, info: pd.DataFrame, max_points: int = 5
     """Survey galaxies and clusters on the sky; flagged clusters (edge, few galaxies) marked."""
     rng = np.random.default_rng(seed)
     g = galaxies if len(galaxies) <= max_points else galaxies.iloc[rng.choice(len(galaxies), max_points, replace=False)]
-    fig, ax = plt.subplots(figsize=(6, 4.5))
+    fig, ax = subplots(figsize=(6, 4.5))
     ax.scatter(g["ra"], g["dec"], s=0.3, color="0.6", alpha=0.5, rasterized=True, label="galaxies")
     ok = ~(info["edge"] | info["few_galaxies"])
     ax.scatter(info["ra"][ok], info["dec"][ok], s=14, facecolor="none", edgecolor="C0", label="clusters")

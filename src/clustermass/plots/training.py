@@ -4,13 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+from matplotlib.ticker import MaxNLocator
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
-
-from .._io import save_figure  # noqa: E402
+from .._io import save_figure
+from . import subplots
 
 
 def plot_loss_curve(history: list[dict], path: str | Path, best_epoch: int | None = None,
@@ -28,7 +25,7 @@ def plot_loss_curve(history: list[dict], path: str | Path, best_epoch: int | Non
     -------
     The written path.
     """
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    fig, ax = subplots(figsize=(5.5, 3.8))
     ep = [r["epoch"] for r in history]
     ax.plot(ep, [r["train_loss"] for r in history], "o-", ms=3, label="train")
     ax.plot(ep, [r["val_loss"] for r in history], "s-", ms=3, label="validation")
