@@ -58,10 +58,14 @@ CONC_SCATTER_DEX = 0.16
 #: redshift at which the slowly-evolving halo tables (c(M), mass conversion) are evaluated
 Z_TABLE = 0.05
 #: outermost radius of a halo's own galaxies [R200c] (the DK14 transition has cut them off by then)
-X_MAX = 4.0
-#: DK14 transition exponents for mass-selected samples (colossus ``profile_dk14``, selected_by='M')
-DK14_BETA = 4.0
-DK14_GAMMA = 8.0
+X_MAX = 5.0
+#: DK14 transition exponents for halos selected by accretion rate (colossus ``profile_dk14``,
+#: selected_by='Gamma'); a halo sample with the r_t scatter below stacks to a steeper mean
+DK14_BETA = 6.0
+DK14_GAMMA = 4.0
+#: halo-to-halo scatter of r_t at fixed mass [dex]: the 68% scatter of R_sp / R200m at fixed
+#: nu200m of the Diemer (2020) model (colossus ``splashbackModel('RspR200m-1s')``)
+RT_SCATTER_DEX = 0.07
 #: central galaxy velocity bias: sigma_cen = ALPHA_CEN * sigma_sat (Guo et al. 2015, SDSS groups)
 ALPHA_CEN = 0.3
 #: pairwise velocity dispersion far from halos [km/s] (as neighbour halos, halos.SIGMA_ENV)
@@ -162,16 +166,37 @@ def log_m_clf(log_m200c, c=None) -> np.ndarray:
 
 
 def truncation_radius(log_m200c, c) -> np.ndarray:
-    """DK14 r_t / R200c = (1.9 - 0.18 nu200m) R200m / R200c (DK14 eq. 6, selected by mass)."""
-    return (1.9 - 0.18 * peak_height(log_m200c)) * radius_ratio(c, 200.0)
+    """Median DK14 r_t / R200c of halos at their median accretion rate: r_t / R200m =
+    0.43 (1 + 0.92 Om) (1 + 2.18 exp(-Gamma / 1.91)) (DK14, accretion-rate selected; colossus
+    ``profile_dk14``), Gamma = the median Gamma_dyn(nu200m) of Diemer (2020; colossus)."""
+    om = cosmology.use(cosmology.SIMULATION_COSMOLOGY).Om(Z_TABLE)
+    gam = median_accretion_rate(log_m200c)
+    return 0.43 * (1 + 0.92 * om) * (1 + 2.18 * np.exp(-gam / 1.91)) * radius_ratio(c, 200.0)
+
+
+def median_accretion_rate(log_m200c) -> np.ndarray:
+    """Median Gamma_dyn of halos (Diemer 2020 fit, colossus ``splashback.modelDiemerGamma``)."""
+    lm, _, nu, _ = _halo_tables(Z_TABLE)
+    return np.interp(np.asarray(log_m200c, dtype=float), lm, _gamma_table())
+
+
+@lru_cache(maxsize=1)
+def _gamma_table():
+    from colossus.halo import splashback
+
+    cosmology.use(cosmology.SIMULATION_COSMOLOGY)
+    _, _, nu, _ = _halo_tables(Z_TABLE)
+    pars = splashback._modelDiemerGetPars("diemer20", "Gamma", None)
+    return splashback.modelDiemerGamma(nu, Z_TABLE, pars)
 
 
 def dk14_transition(x, xt) -> np.ndarray:
-    """f_trans = [1 + (r/r_t)^beta]^(-gamma/beta) with (beta, gamma) = (4, 8)."""
+    """f_trans = [1 + (r/r_t)^beta]^(-gamma/beta) with (beta, gamma) = (6, 4) (DK14 for halos
+    selected by accretion rate)."""
     u = np.asarray(x) / xt
-    u *= u
-    d = 1.0 + u * u
-    return 1.0 / (d * d)
+    u = u * u * u
+    c = np.cbrt(1.0 + u * u)
+    return 1.0 / (c * c)
 
 
 def splashback_radius(log_m200c, z: float = Z_TABLE, rspdef: str = "sp-apr-p75") -> np.ndarray:
@@ -186,6 +211,18 @@ def splashback_radius(log_m200c, z: float = Z_TABLE, rspdef: str = "sp-apr-p75")
     out = np.full(lm.shape, np.nan)
     out[mask] = rsp / r200[mask]
     return out
+
+
+def splashback_radius_more15(log_m200c, z: float = Z_TABLE) -> np.ndarray:
+    """R_sp / R200c of the More, Diemer & Kravtsov (2015) fit to the radius of the steepest slope
+    of the median profile (colossus ``splashbackModel('RspR200m', model='more15')``)."""
+    from colossus.halo import splashback
+
+    cosmology.use(cosmology.SIMULATION_COSMOLOGY)
+    lm = np.atleast_1d(np.asarray(log_m200c, dtype=float))
+    nu = peak_height(lm)
+    rsp, _ = splashback.splashbackModel("RspR200m", nu200m=nu, z=z, model="more15")
+    return np.asarray(rsp) * radius_ratio(concentration(lm), 200.0)
 
 
 def anisotropy_beta(x, c) -> np.ndarray:
@@ -243,8 +280,9 @@ def sample_nfw_radius(c, rng: np.random.Generator, x_max=1.0) -> np.ndarray:
 
 
 def outer_edge(xt) -> np.ndarray:
-    """Outermost radius [R200c] of a halo's own galaxies: min(X_MAX, 2 r_t) (f_trans(2 r_t) = 0.0035)."""
-    return np.minimum(X_MAX, 2.0 * np.asarray(xt, dtype=float))
+    """Outermost radius [R200c] of a halo's own galaxies: min(X_MAX, 3 r_t) (f_trans(3 r_t) = 0.0125;
+    the neighbour halos dominate there)."""
+    return np.minimum(X_MAX, 3.0 * np.asarray(xt, dtype=float))
 
 
 def sample_halo_radius(c, xt, rng: np.random.Generator) -> np.ndarray:
@@ -431,12 +469,13 @@ def mean_groups() -> float:
     return float(GROUP_RECENT_FRACTION * _shmf_table()[1][0])
 
 
-def _infall_velocity_scaled(x, lm, c, v200_kms):
+def _infall_velocity_scaled(x, lm, c, v200_kms, bias):
     """Mean radial velocity / V200c of first-infall galaxies at r/R200c = x (at Z_TABLE)."""
     from . import halos as hal
 
     r200 = cosmology.r200c(lm, Z_TABLE)
-    return hal.infall_velocity(np.maximum(x, 1e-3) * r200, lm, r200, v200_kms, c, Z_TABLE) / v200_kms
+    v = hal.infall_velocity(np.maximum(x, 1e-3) * r200, lm, r200, v200_kms, c, Z_TABLE, bias=bias)
+    return v / v200_kms
 
 
 def populate_scaled(
@@ -454,13 +493,21 @@ def populate_scaled(
     """
     lm = np.atleast_1d(np.asarray(log_m200c, dtype=float))
     nh = lm.size
+    if nh == 0:
+        return {"halo_index": np.zeros(0, np.int64), "x": np.zeros((0, 3)), "v": np.zeros((0, 3)),
+                "abs_mag_r": np.zeros(0), "is_central": np.zeros(0, bool),
+                "phase": np.zeros(0, np.int8), "in_group": np.zeros(0, bool),
+                "axes": np.zeros((0, 3)), "conc": np.zeros(0)}
     c = concentration(lm) if conc is None else np.broadcast_to(np.asarray(conc, dtype=float), lm.shape)
     log_l_min = np.broadcast_to(mag_to_log_l(np.minimum(mag_limit_abs, MAG_ABS_FAINTEST)), lm.shape)
-    xt = truncation_radius(lm, c)
+    xt = truncation_radius(lm, c) * 10 ** (RT_SCATTER_DEX * rng.normal(size=nh))
     x200m = radius_ratio(c, 200.0)
     axes = axis_ratios(lm, rng)
     kv = velocity_axis_factors(axes)
     v200 = cosmology.v200c(lm, Z_TABLE)
+    from .halos import halo_bias
+
+    b_h = halo_bias(lm)
     # centrals: CLF luminosity, at the centre, velocity bias ALPHA_CEN
     log_lc = central_log_l_median(lm) + CLF_PARAMS["sigma"] * rng.normal(size=nh)
     vc = (ALPHA_CEN * jeans_sigma_r(0.5, c))[:, None] * rng.normal(size=(nh, 3))
@@ -484,7 +531,7 @@ def populate_scaled(
     pos = r[:, None] * rhat * axes[hidx]
     rs = np.linalg.norm(pos, axis=1)
     # first infall: mean radial infall + dispersion falling outward
-    vin = _infall_velocity_scaled(rs, lm[hidx], cs, v200[hidx])
+    vin = _infall_velocity_scaled(rs, lm[hidx], cs, v200[hidx], b_h[hidx])
     sig_in = np.sqrt((SIGMA_INFALL_FLOOR / v200[hidx]) ** 2 + 0.36 * np.minimum(1.0, 1.0 / np.maximum(rs, 1e-3)))
     v_in = vin[:, None] * pos / np.maximum(rs, 1e-9)[:, None] + sig_in[:, None] * rng.normal(size=(ns, 3))
     vel = np.where(orbit[:, None], v_orb, v_in)
@@ -514,7 +561,7 @@ def populate_scaled(
             rg[redo] = sample_halo_radius(c[gh][redo], xt[gh][redo], rng)
         pg = rg[:, None] * _unit_vectors(gh.size, rng) * axes[gh]
         rgs = np.linalg.norm(pg, axis=1)
-        vg = (_infall_velocity_scaled(rgs, lm[gh], c[gh], v200[gh])[:, None] * pg / rgs[:, None]
+        vg = (_infall_velocity_scaled(rgs, lm[gh], c[gh], v200[gh], b_h[gh])[:, None] * pg / rgs[:, None]
               + (SIGMA_INFALL_FLOOR / v200[gh])[:, None] * rng.normal(size=(gh.size, 3)))
         scale = 10 ** ((lm_g - lm[gh]) / 3.0)  # R200c and V200c of the group / of the halo
         cg = concentration(lm_g)
