@@ -123,7 +123,7 @@ def main() -> None:
                 out / "simulator_examples.png")
 
     # 4. orientation scatter of sigma_los (members only, wide window, many sight lines per halo)
-    orient_sim = sim.model_copy(update={"interlopers": False, "volume": 1.5e6, "n_train": 1200,
+    orient_sim = sim.model_copy(update={"interlopers": False, "volume": 2e7, "n_train": 8000,
                                         "n_test": 0, "n_eval": 0, "max_sightlines": 25,
                                         "log_m_min": 14.0, "log_m_max": 14.6})
     ocat = simulate_catalogue(orient_sim, WIDE, args.seed, progress=False)

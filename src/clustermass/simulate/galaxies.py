@@ -530,10 +530,10 @@ def populate_scaled(
     v_orb *= kv[hidx]
     pos = r[:, None] * rhat * axes[hidx]
     rs = np.linalg.norm(pos, axis=1)
-    # first infall: mean radial infall + dispersion falling outward
+    # first infall: mean radial infall + dispersion falling outward (same velocity ellipsoid)
     vin = _infall_velocity_scaled(rs, lm[hidx], cs, v200[hidx], b_h[hidx])
     sig_in = np.sqrt((SIGMA_INFALL_FLOOR / v200[hidx]) ** 2 + 0.36 * np.minimum(1.0, 1.0 / np.maximum(rs, 1e-3)))
-    v_in = vin[:, None] * pos / np.maximum(rs, 1e-9)[:, None] + sig_in[:, None] * rng.normal(size=(ns, 3))
+    v_in = vin[:, None] * pos / np.maximum(rs, 1e-9)[:, None] + sig_in[:, None] * rng.normal(size=(ns, 3)) * kv[hidx]
     vel = np.where(orbit[:, None], v_orb, v_in)
     phase = np.where(orbit, np.where(rs < 1.0, PHASE_BOUND, PHASE_BACKSPLASH), PHASE_INFALL)
     in_group = np.zeros(ns, bool)
@@ -562,7 +562,7 @@ def populate_scaled(
         pg = rg[:, None] * _unit_vectors(gh.size, rng) * axes[gh]
         rgs = np.linalg.norm(pg, axis=1)
         vg = (_infall_velocity_scaled(rgs, lm[gh], c[gh], v200[gh], b_h[gh])[:, None] * pg / rgs[:, None]
-              + (SIGMA_INFALL_FLOOR / v200[gh])[:, None] * rng.normal(size=(gh.size, 3)))
+              + (SIGMA_INFALL_FLOOR / v200[gh])[:, None] * rng.normal(size=(gh.size, 3)) * kv[gh])
         scale = 10 ** ((lm_g - lm[gh]) / 3.0)  # R200c and V200c of the group / of the halo
         cg = concentration(lm_g)
         xo = sample_nfw_radius(cg[gi], rng)
