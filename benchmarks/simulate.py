@@ -22,10 +22,10 @@ for _v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
 import argparse  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
+import resource  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
-import resource  # noqa: E402
 import time  # noqa: E402
 from concurrent.futures import ProcessPoolExecutor  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -142,7 +142,7 @@ def main() -> None:
         old = _run_old(args.compare_rev, [
             {k: getattr(sim, k) for k in ("n_train", "n_test", "n_eval", "max_sightlines")}
             for sim in cases.values()])
-        for row, (dt_old, n_old, ng_old) in zip(rows, old):
+        for row, (dt_old, n_old, ng_old) in zip(rows, old, strict=True):
             row["old_rev"] = args.compare_rev
             row["old_seconds"] = dt_old
             row["old_galaxies_per_diagram"] = ng_old / n_old

@@ -232,11 +232,16 @@ def test_jeans_dispersion():
     """sigma_r of the beta(r) = 0.5 r/(r + r_s) Jeans solution equals direct quadrature of the
     Jeans equation with its integrating factor exp(int 2 beta / r dr)."""
     c = 5.0
+
+    def nu(t):  # NFW tracer density
+        return 1 / (t * (1 + t) ** 2)
+
+    def factor(y, t):  # exp(int_y^t 2 beta(s)/s ds) for beta = 0.5 s/(s+1), by quadrature
+        return np.exp(integrate.quad(lambda s: 2 * 0.5 * s / (s + 1) / s, y, t)[0])
+
     for y in (0.3, 2.0, 8.0):
-        def g(t):  # exp(int_y^t 2 beta(s)/s ds) for beta = 0.5 s/(s+1): (t + 1) / (y + 1)
-            return np.exp(integrate.quad(lambda s: 2 * 0.5 * s / (s + 1) / s, y, t)[0])
-        nu = lambda t: 1 / (t * (1 + t) ** 2)  # noqa: E731
-        integral = integrate.quad(lambda t: g(t) * nu(t) * gal._nfw_m(t) / t**2, y, np.inf, limit=200)[0]
+        integral = integrate.quad(lambda t, y=y: factor(y, t) * nu(t) * gal._nfw_m(t) / t**2,
+                                  y, np.inf, limit=200)[0]
         direct = np.sqrt(c / gal._nfw_m(c) * integral / nu(y))
         assert gal.jeans_sigma_r(y / c, c) == pytest.approx(direct, rel=3e-3)
     # isotropic at the centre, 0.5 far out

@@ -24,6 +24,7 @@ from .observe import (
     los_depth,
     observe,
     observer_distance,
+    spectroscopic_selection,
     to_sightline_frame,
 )
 
@@ -157,6 +158,7 @@ def diagrams_from_box(
     host_sorted = g_host[order]
     for i, r in enumerate(rows):
         j = np.searchsorted(host_sorted, h_id[r])
+        cen = -1
         if j < host_sorted.size and host_sorted[j] == h_id[r]:
             cen = order[j]
             c_pos, c_vel = g_pos[cen], g_vel[cen]
@@ -177,6 +179,10 @@ def diagrams_from_box(
             v = to_sightline_frame(dvel, bsis)
             obs = observe(p, v, g_mag[gi], np.full(gi.size, d), z, chi, window, sim.mag_limit)
             keep = obs["keep"]
+            cand = np.flatnonzero(keep)  # fibre collisions and incompleteness of the survey
+            keep[cand[~spectroscopic_selection(obs["x_proj"][cand], obs["y_proj"][cand],
+                                               np.full(cand.size, d), z, chi, sim.survey,
+                                               gi[cand] == cen, rng)]] = False
             n_gal[d] = keep.sum()
             n_mem[d] = (keep & mem).sum()
             gal_parts.append(

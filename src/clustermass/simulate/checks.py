@@ -158,7 +158,7 @@ def orientation_scatter(cat, log_m_range=(14.0, 14.6), min_members: int = 30,
             continue
         cov = np.mean([np.cov(h[f"a{k}"], h[f"b{k}"])[0, 1] for k in range(n_splits)])
         rows.append((h["ls"].var(), np.mean(1.0 / (2.0 * (h["n"] - 1))), cov))
-    var, noise, cov = (np.array(c) for c in zip(*rows)) if rows else (np.zeros(1),) * 3
+    var, noise, cov = (np.array(c) for c in zip(*rows, strict=True)) if rows else (np.zeros(1),) * 3
     return {"intrinsic_rms_ln_sigma": float(np.sqrt(max(np.mean(cov), 0.0))),
             "noise_subtracted_rms": float(np.sqrt(max(np.mean(var - noise), 0.0))),
             "observed_rms": float(np.sqrt(np.mean(var))),

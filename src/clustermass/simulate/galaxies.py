@@ -104,8 +104,7 @@ def _nfw_m(y):
 
 @lru_cache(maxsize=4)
 def _halo_tables(z: float = Z_TABLE):
-    """Grids of log M200c -> log c200c, nu200m and R_sp/R200m (colossus, median c)."""
-    from colossus.halo import splashback
+    """Grids of log M200c -> log c200c and nu200m (colossus, median c), and log10 M* (nonlinear mass)."""
     from colossus.lss import peaks
 
     cosmo = cosmology.use(cosmology.SIMULATION_COSMOLOGY)
@@ -125,8 +124,8 @@ def _so_table(overdensity_ratio: float):
 
 
 def _so_radius_ratio(c, ratio):
-    """R_Delta / R200c of NFW halos for Delta = ratio * 200 rho_c... given as the mean density
-    ratio: solves [m(c y) / m(c)] / y^3 = ratio / 200 (bisection in log y)."""
+    """R_Delta / R200c of NFW halos whose mean enclosed density is ``ratio`` x rho_c: solves
+    [m(c y) / m(c)] / y^3 = ratio / 200 (bisection in log y)."""
     c = np.asarray(c, dtype=float)
     target = ratio / 200.0
     lo, hi = np.full(c.shape, -1.0), np.full(c.shape, 1.5)
@@ -260,7 +259,7 @@ def _lambertw0(z) -> np.ndarray:
     z = np.asarray(z, dtype=float)
     p = np.sqrt(np.maximum(2.0 * (np.e * z + 1.0), 0.0))
     w = np.where(z < -0.25, -1.0 + p - p * p / 3.0 + 11.0 / 72.0 * p**3, z * (1.0 - z))
-    for _ in range(4):
+    for _ in range(3):
         ew = np.exp(w)
         f = w * ew - z
         wp1 = w + 1.0
@@ -400,6 +399,27 @@ def mean_satellites(log_m200c, log_l_min) -> np.ndarray:
     return 0.5 * phi * upper_gamma(alpha / 2.0 + 0.5, x2)
 
 
+@lru_cache(maxsize=1)
+def _mean_satellites_table():
+    lm = np.arange(9.0, 16.0 + 1e-9, 0.01)
+    ll = np.arange(7.0, 12.0 + 1e-9, 0.01)
+    n = mean_satellites(lm[:, None], ll[None, :])
+    return lm, ll, n
+
+
+def mean_satellites_interp(log_m200c, log_l_min) -> np.ndarray:
+    """:func:`mean_satellites` by bilinear interpolation of a table (0.01 dex steps in mass and
+    luminosity; relative error < 1% where the count exceeds 0.01)."""
+    lm, ll, n = _mean_satellites_table()
+    u = np.clip((np.asarray(log_m200c, dtype=float) - lm[0]) / 0.01, 0, lm.size - 1.000001)
+    v = np.clip((np.asarray(log_l_min, dtype=float) - ll[0]) / 0.01, 0, ll.size - 1.000001)
+    u, v = np.broadcast_arrays(u, v)
+    i, j = u.astype(int), v.astype(int)
+    a, b = u - i, v - j
+    return ((1 - a) * (1 - b) * n[i, j] + a * (1 - b) * n[i + 1, j]
+            + (1 - a) * b * n[i, j + 1] + a * b * n[i + 1, j + 1])
+
+
 def upper_gamma(a, x) -> np.ndarray:
     """Upper incomplete gamma function Gamma(a, x) for -1 < a < 1, x > 0 (also a <= 0).
 
@@ -512,7 +532,7 @@ def populate_scaled(
     log_lc = central_log_l_median(lm) + CLF_PARAMS["sigma"] * rng.normal(size=nh)
     vc = (ALPHA_CEN * jeans_sigma_r(0.5, c))[:, None] * rng.normal(size=(nh, 3))
     # satellites: CLF count inside R180m, continued with the DK14 inner profile to X_MAX
-    n_mean = mean_satellites(lm, log_l_min) / fraction_inside_r180m(c, xt)
+    n_mean = mean_satellites_interp(lm, log_l_min) / fraction_inside_r180m(c, xt)
     nsat = rng.poisson(n_mean)
     hidx = np.repeat(np.arange(nh), nsat)
     ns = hidx.size
@@ -522,19 +542,22 @@ def populate_scaled(
     r = sample_halo_radius(cs, xt[hidx], rng)
     rhat = _unit_vectors(ns, rng)
     orbit = rng.random(ns) < orbiting_fraction(r, x200m[hidx])
-    # orbiting: Jeans dispersions with beta(r), aligned with the shape
-    sr = jeans_sigma_r(np.maximum(r, 1e-4), cs)
-    st = sr * np.sqrt(1.0 - anisotropy_beta(r, cs))
-    g = rng.normal(size=(ns, 3))
-    v_orb = st[:, None] * g + ((sr - st) * np.sum(g * rhat, axis=1))[:, None] * rhat
-    v_orb *= kv[hidx]
     pos = r[:, None] * rhat * axes[hidx]
     rs = np.linalg.norm(pos, axis=1)
+    vel = np.empty((ns, 3))
+    # orbiting: Jeans dispersions with beta(r), aligned with the shape
+    o = np.flatnonzero(orbit)
+    ro, co, rh = r[o], cs[o], rhat[o]
+    sr = jeans_sigma_r(np.maximum(ro, 1e-4), co)
+    st = sr * np.sqrt(1.0 - anisotropy_beta(ro, co))
+    g = rng.normal(size=(o.size, 3))
+    vel[o] = (st[:, None] * g + ((sr - st) * np.sum(g * rh, axis=1))[:, None] * rh) * kv[hidx[o]]
     # first infall: mean radial infall + dispersion falling outward (same velocity ellipsoid)
-    vin = _infall_velocity_scaled(rs, lm[hidx], cs, v200[hidx], b_h[hidx])
-    sig_in = np.sqrt((SIGMA_INFALL_FLOOR / v200[hidx]) ** 2 + 0.36 * np.minimum(1.0, 1.0 / np.maximum(rs, 1e-3)))
-    v_in = vin[:, None] * pos / np.maximum(rs, 1e-9)[:, None] + sig_in[:, None] * rng.normal(size=(ns, 3)) * kv[hidx]
-    vel = np.where(orbit[:, None], v_orb, v_in)
+    f = np.flatnonzero(~orbit)
+    hf, rf = hidx[f], rs[f]
+    vin = _infall_velocity_scaled(rf, lm[hf], cs[f], v200[hf], b_h[hf])
+    sig_in = np.sqrt((SIGMA_INFALL_FLOOR / v200[hf]) ** 2 + 0.36 * np.minimum(1.0, 1.0 / np.maximum(rf, 1e-3)))
+    vel[f] = (vin / np.maximum(rf, 1e-9))[:, None] * pos[f] + sig_in[:, None] * rng.normal(size=(f.size, 3)) * kv[hf]
     phase = np.where(orbit, np.where(rs < 1.0, PHASE_BOUND, PHASE_BACKSPLASH), PHASE_INFALL)
     in_group = np.zeros(ns, bool)
     # groups: recently accreted subhalos carry some of the satellites together
@@ -544,7 +567,7 @@ def populate_scaled(
         lpsi, cum = _shmf_table()
         lpsi_g = np.interp(rng.random(gh.size) * cum[0], cum[::-1], lpsi[::-1])
         lm_g = lm[gh] + lpsi_g / np.log(10)
-        k = 1 + rng.poisson(mean_satellites(lm_g, log_l_min[gh]))
+        k = 1 + rng.poisson(mean_satellites_interp(lm_g, log_l_min[gh]))
         sat_start = np.cumsum(nsat) - nsat
         g_first = np.cumsum(ng) - ng
         k_cum = np.cumsum(k)
