@@ -148,7 +148,7 @@ def main() -> None:
                                       "n_test": 0, "n_eval": 0, "log_m_min": 14.0, "log_m_max": 14.6,
                                       "distance_min": 60.0, "distance_max": 200.0})
     pcat = simulate_catalogue(prof_sim, WIDE, args.seed, progress=False)
-    xr, rho = C.stacked_profile_3d(pcat, WIDE.r_max, np.geomspace(0.3, 3.3, 36))
+    xr, rho = C.stacked_profile_3d(pcat, WIDE.r_max, np.geomspace(0.3, 3.3, 48))
     r_steep = C.steepest_slope_radius(xr, rho)
     lm_med = float(np.median(pcat.clusters["log_m200c"]))
     rsp = {d: float(gal.splashback_radius(lm_med, rspdef=d)[0])
