@@ -33,27 +33,55 @@ class WindowConfig(_Section):
     v_max: float = Field(2200.0, gt=0, description="half-width in line-of-sight velocity [km/s]")
 
 
+#: flux limit and observer distance range of each survey setting (other survey effects:
+#: ``clustermass.simulate.observe.SURVEYS``). sdss: SDSS DR7 main sample (r < 17.77, Strauss et
+#: al. 2002) with the paper's distance ball; desi-bgs: DESI BGS Bright (r < 19.5, Hahn et al.
+#: 2023) at 0.03 < z < 0.2; paper: the paper's mock (r < 18.0, no fibre collisions, centred on
+#: the central galaxy).
+SURVEY_DEFAULTS: dict[str, dict[str, float]] = {
+    "sdss": {"mag_limit": 17.77, "distance_min": 40.0, "distance_max": 250.0},
+    "desi-bgs": {"mag_limit": 19.5, "distance_min": 90.0, "distance_max": 570.0},
+    "paper": {"mag_limit": 18.0, "distance_min": 40.0, "distance_max": 250.0},
+}
+SurveyKind = Literal["sdss", "desi-bgs", "paper"]
+
+
 class SimulationConfig(_Section):
     """Mock-catalogue generation (SCIENCE.md sec. 2-3)."""
+
+    survey: SurveyKind = Field(
+        "sdss",
+        description="spectroscopic survey the mocks imitate: flux limit, distance range, fibre "
+        "collisions, incompleteness, centring (sdss, desi-bgs, or the paper's mock)",
+    )
 
     n_train: int = Field(17000, ge=0, description="diagrams in the training split")
     n_test: int = Field(20000, ge=0, description="diagrams in the test (SBI calibration) split")
     n_eval: int = Field(5000, ge=0, description="diagrams in the evaluation split")
     log_m_min: float = Field(13.7, description="lowest cluster mass, log10 M200c [h^-1 Msun]")
     log_m_max: float = Field(15.2, description="highest cluster mass, log10 M200c [h^-1 Msun]")
-    distance_max: float = Field(250.0, gt=0, description="radius of the observer ball [h^-1 Mpc, comoving]")
-    mag_limit: float = Field(18.0, description="apparent r-band flux limit [mag] (SDSS: 17.77)")
+    distance_max: float = Field(250.0, gt=0, description="radius of the observer ball [h^-1 Mpc, comoving] (default: the survey's)")
+    mag_limit: float = Field(17.77, description="apparent r-band flux limit [mag] (default: the survey's)")
     max_sightlines: int = Field(25, ge=1, description="most sight lines per halo")
     interlopers: bool = Field(True, description="include line-of-sight interloper halos")
     chunk_size: int = Field(2000, ge=1, description="diagrams generated per independently seeded chunk")
     volume: float = Field(1e9, gt=0, description="volume the unique cluster halos come from [h^-3 Mpc^3] (MDPL2: 1e9)")
-    distance_min: float = Field(40.0, ge=0, description="smallest observer distance [h^-1 Mpc, comoving]")
-    anisotropy: float = Field(0.0, lt=1, description="constant velocity anisotropy beta of satellites")
+    distance_min: float = Field(40.0, ge=0, description="smallest observer distance [h^-1 Mpc, comoving] (default: the survey's)")
     halo_log_m_min: float = Field(13.0, description="mass floor of the halos table (interloper truth) [log10 h^-1 Msun]")
 
     @property
     def n_total(self) -> int:
         return self.n_train + self.n_test + self.n_eval
+
+    @model_validator(mode="before")
+    @classmethod
+    def _survey_defaults(cls, data: Any) -> Any:
+        """Flux limit and distances not given explicitly come from the survey setting."""
+        if isinstance(data, dict):
+            survey = data.get("survey", "sdss")
+            if survey in SURVEY_DEFAULTS:
+                data = {**SURVEY_DEFAULTS[survey], **{k: v for k, v in data.items() if v is not None}}
+        return data
 
     @model_validator(mode="after")
     def _check(self) -> SimulationConfig:
@@ -124,10 +152,11 @@ class RunConfig(_Section):
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
 
 
-# Presets are overrides of the defaults (which are the paper's values).
+# Presets are overrides of the defaults (the paper's values with the SDSS survey setting).
 PRESETS: dict[str, dict[str, Any]] = {
-    "paper": {},
+    "paper": {"simulation": {"survey": "paper"}},
     "authors-public": {
+        "simulation": {"survey": "paper"},
         "window": {"r_max": 4.0},
         "training": {"lr": 5e-5, "patience": 10},
     },

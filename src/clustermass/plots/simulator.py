@@ -168,7 +168,8 @@ def plot_mass_distribution(cat):
 
 
 def plot_example_diagrams(cat, rows, r_max: float = 1.6, v_max: float = 2200.0):
-    """Sky plane (x, y) and (R_proj, v_los) of a few diagrams; members vs interlopers."""
+    """Sky plane (x, y) and (R_proj, v_los) of a few diagrams: members, the cluster's own
+    galaxies outside R200c, and galaxies of other halos."""
     rows = list(rows)
     fig, axes = subplots(2, len(rows), figsize=(3.2 * len(rows), 6.2), squeeze=False)
     for j, r in enumerate(rows):
@@ -176,20 +177,18 @@ def plot_example_diagrams(cat, rows, r_max: float = 1.6, v_max: float = 2200.0):
         g = cat.galaxies.iloc[s:e]
         mem = g["is_member"].to_numpy()
         cl = cat.clusters.iloc[r]
+        own = g["host_halo_id"].to_numpy() == cl["halo_id"]
+        groups = [(mem, "C0", "o", "members (r < R200c)"),
+                  (own & ~mem, "C1", "^", "cluster outskirts (backsplash, infall)"),
+                  (~own, "C3", "x", "other halos")]
         for a, (xx, yy) in zip(
             axes[:, j],
             ((g["x_proj"], g["y_proj"]), (np.hypot(g["x_proj"], g["y_proj"]), g["v_los"])),
             strict=True,
         ):
-            a.scatter(np.asarray(xx)[mem], np.asarray(yy)[mem], s=6, color="C0", label="members")
-            a.scatter(
-                np.asarray(xx)[~mem],
-                np.asarray(yy)[~mem],
-                s=6,
-                color="C3",
-                marker="x",
-                label="interlopers",
-            )
+            for sel, color, marker, label in groups:
+                a.scatter(np.asarray(xx)[sel], np.asarray(yy)[sel], s=6, color=color, marker=marker,
+                          label=label)
         axes[0, j].set_xlim(-r_max, r_max)
         axes[0, j].set_ylim(-r_max, r_max)
         axes[0, j].set_aspect("equal")

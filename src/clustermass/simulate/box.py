@@ -152,8 +152,19 @@ def diagrams_from_box(
         np.zeros(nd, bool),
     )
     first = np.cumsum(nsl) - nsl
-    # the central (brightest) galaxy of every host, found once: hosts sorted, brightest first
-    order = np.lexsort((g_mag, g_host))
+    # the centre of every host, found once: its brightest galaxy inside R200c of the halo
+    # centre (BCG; galaxies of the halo's outskirts do not count); hosts sorted, brightest first
+    row_of = pd.Series(np.arange(h_id.size), index=h_id)
+    g_row = row_of.reindex(g_host).to_numpy()
+    known = np.isfinite(g_row)
+    g_row = np.where(known, g_row, 0).astype(np.int64)
+    if "r200c" in halos.columns:
+        h_r200 = halos["r200c"].to_numpy(float) * (1 + snapshot_redshift)  # comoving
+    else:
+        h_r200 = cosmology.r200c(h_lm, snapshot_redshift) * (1 + snapshot_redshift)
+    g_off = (g_pos - h_pos[g_row] + box_size / 2) % box_size - box_size / 2
+    inner = known & (np.linalg.norm(g_off, axis=1) <= h_r200[g_row])
+    order = np.flatnonzero(inner)[np.lexsort((g_mag[inner], g_host[inner]))]
     host_sorted = g_host[order]
     for i, r in enumerate(rows):
         j = np.searchsorted(host_sorted, h_id[r])

@@ -333,7 +333,7 @@ def sightline_bases(n_sightlines: np.ndarray, rng: np.random.Generator) -> np.nd
 
 
 # ---------------------------------------------------------------------------- neighbours
-def infall_velocity(r, log_m_cl, r200_cl, v200_cl, conc_cl, z) -> np.ndarray:
+def infall_velocity(r, log_m_cl, r200_cl, v200_cl, conc_cl, z, bias=None) -> np.ndarray:
     """Mean radial peculiar velocity [km/s, < 0 = infall] of halos at proper distance r.
 
     Nonlinear spherical-infall approximation v = -(1/3) f H r Delta / (1 + Delta)^(1/4)
@@ -348,10 +348,20 @@ def infall_velocity(r, log_m_cl, r200_cl, v200_cl, conc_cl, z) -> np.ndarray:
     r = np.asarray(r, dtype=float)
     rho_m = c.rho_m(z) * 1e9 * (1 + z) ** 3  # proper h^2 Msun Mpc^-3
     m_in = 10**log_m_cl * _nfw_m(conc_cl * r / r200_cl) / _nfw_m(conc_cl)
-    delta = m_in / (rho_m * 4.0 / 3.0 * np.pi * r**3) + halo_bias(log_m_cl) * xibar_mm(r * (1 + z))
+    b = halo_bias(log_m_cl) if bias is None else bias
+    delta = m_in / (rho_m * 4.0 / 3.0 * np.pi * r**3) + b * xibar_mm(r * (1 + z))
     f = c.Om(z) ** 0.55
     v = -(1.0 / 3.0) * f * cosmology.hubble(z) * r * delta / (1 + delta) ** 0.25
     return np.maximum(v, -v200_cl)
+
+
+def exclusion_transition(x) -> np.ndarray:
+    """Share of distinct halos excluded at r / R200c(cluster) = x: [1 + x^8]^-2 (1 inside,
+    0.75 at R200c, 0.01 at 1.3 R200c; the DK14 transition shape with a steeper slope)."""
+    u = np.asarray(x, dtype=float) ** 2
+    u *= u
+    d = 1.0 + u * u
+    return 1.0 / (d * d)
 
 
 def sample_neighbours(
@@ -367,9 +377,12 @@ def sample_neighbours(
 ) -> pd.DataFrame:
     """Neighbour halos in the cylinder of each diagram (vectorised over diagrams).
 
-    Halos are a Poisson process of comoving density n(M) [1 + xi_hh(r)], xi_hh = b(M_cl) b(M)
-    zeta(r) xi_mm(r) (:func:`halo_xi`: Tinker08, Tinker10, halofit, Tinker05 zeta) outside the exclusion radius R200c(cl) + R200c(M), sampled by
-    rejection in line-of-sight slabs of ``SLAB`` h^-1 Mpc. The sky region of a halo of mass M is
+    Halos are a Poisson process of comoving density n(M) [1 + xi_hh(r)] [1 - e(r / R200c)],
+    xi_hh = b(M_cl) b(M) zeta(r) xi_mm(r) (:func:`halo_xi`: Tinker08, Tinker10, halofit,
+    Tinker05 zeta), with a soft halo exclusion e (:func:`exclusion_transition`): distinct halos
+    live outside the cluster's R200c, halos inside it are its subhalos (its own galaxies and
+    groups), and the boundary is smooth instead of an empty shell. Sampled by rejection in
+    line-of-sight slabs of ``SLAB`` h^-1 Mpc. The sky region of a halo of mass M is
     |x|,|y| <= half_width + R200c(M) (its galaxies may reach into the window); along the sight
     line |z| <= depth (per diagram, proper).
 
@@ -400,7 +413,7 @@ def sample_neighbours(
         np.clip(np.interp(grid.hi, lm, cum)[None, :] - np.interp(lo, lm, cum), 0, None)
         * a3[:, None]
     )
-    r_excl = r200_cl[:, None] + grid.r200[None, :]  # (nd, nj)
+    r_excl = np.broadcast_to(0.4 * r200_cl[:, None], (len(r200_cl), grid.r200.size))  # (nd, nj)
     zmin_abs = np.where((zlo <= 0) & (zhi >= 0), 0.0, np.minimum(np.abs(zlo), np.abs(zhi)))  # (nk,)
     rmin = np.maximum(zmin_abs[None, None, :], r_excl[:, :, None])  # (nd, nj, nk)
     xi_max = halo_xi(rmin * (1 + z)[:, None, None], b_cl[:, None, None], grid.bias[None, :, None])
@@ -417,8 +430,8 @@ def sample_neighbours(
     y = (rng.random(n) * 2 - 1) * w[j]
     zz = zlo[kk] + rng.random(n) * SLAB
     r = np.sqrt(x * x + y * y + zz * zz)
-    p = np.where(
-        r > r_excl[d, j], 1.0 + np.maximum(halo_xi(r * (1 + z[d]), b_cl[d], grid.bias[j]), 0.0), 0.0
+    p = (1.0 + np.maximum(halo_xi(r * (1 + z[d]), b_cl[d], grid.bias[j]), 0.0)) * (
+        1.0 - exclusion_transition(r / r200_cl[d])
     )
     keep = rng.random(n) * env_max[d, j, kk] < p
     d, j, x, y, zz, r = d[keep], j[keep], x[keep], y[keep], zz[keep], r[keep]

@@ -20,10 +20,12 @@ from ..errors import ConfigError
 from . import galaxies as gal
 from . import halos as hal
 from .observe import (
+    SURVEYS,
     abs_mag_limit,
     los_depth,
     observe,
     observer_distance,
+    spectroscopic_selection,
     to_sightline_frame,
 )
 
@@ -56,6 +58,7 @@ def simulate_chunk(
     ``first_diagram + sight-line index``).
     """
     rng = np.random.default_rng(seed)
+    survey = SURVEYS[sim.survey]
     lm_h = halos["log_m200c"].to_numpy(float)
     nsl = halos["n_sightlines"].to_numpy(np.int64)
     nh = len(halos)
@@ -73,24 +76,34 @@ def simulate_chunk(
     conc_d = conc_h[hd]
     depth = los_depth(z, window)
 
-    # ---- cluster members: one 3D realisation per halo, seen along each of its sight lines
-    mlim_cl = abs_mag_limit(
-        sim.mag_limit, chi - 1.1 * r200 * (1 + z)
-    )  # faintest needed per diagram
+    # ---- cluster galaxies: one 3D realisation per halo (principal-axis frame; the sight lines
+    # are randomly oriented in it), seen along each of its sight lines
+    mlim_cl = abs_mag_limit(sim.mag_limit, chi - gal.X_MAX * r200 * (1 + z))  # faintest needed
     mlim_h = np.full(nh, -np.inf)
     np.maximum.at(mlim_h, hd, mlim_cl)
-    mem = gal.populate_scaled(lm_h, rng, mlim_h, sim.anisotropy, conc_h)
+    mem = gal.populate_scaled(lm_h, rng, mlim_h, conc_h)
     gstart = np.searchsorted(mem["halo_index"], np.arange(nh))
     gcount = np.bincount(mem["halo_index"], minlength=nh)
+    r3d = np.linalg.norm(mem["x"], axis=1)
+    # the diagram centre: the central galaxy, or the brightest galaxy inside R200c (BCG)
+    if survey["centre"] == "bcg":
+        inside = np.flatnonzero(r3d < 1.0)
+        o = inside[np.lexsort((mem["abs_mag_r"][inside], mem["halo_index"][inside]))]
+        first = np.searchsorted(mem["halo_index"][o], np.arange(nh))
+        centre_h = o[first]
+    else:
+        centre_h = gstart
     per_d = gcount[hd]
     md = np.repeat(np.arange(nd), per_d)  # diagram of each member copy
     gi = np.repeat(gstart[hd] - np.cumsum(per_d) + per_d, per_d) + np.arange(per_d.sum())
-    mpos = to_sightline_frame(mem["x"][gi] * r200[md, None], basis[md])
-    mvel = to_sightline_frame(mem["v"][gi] * v200[md, None], basis[md])
+    off_x = to_sightline_frame(mem["x"][centre_h[hd]] * r200[:, None], basis)  # per diagram
+    off_v = to_sightline_frame(mem["v"][centre_h[hd]] * v200[:, None], basis)
+    mpos = to_sightline_frame(mem["x"][gi] * r200[md, None], basis[md]) - off_x[md]
+    mvel = to_sightline_frame(mem["v"][gi] * v200[md, None], basis[md]) - off_v[md]
     m_abs = mem["abs_mag_r"][gi]
     m_cen = mem["is_central"][gi]
 
-    # ---- neighbour halos in each cylinder and their galaxies
+    # ---- neighbour halos in each cylinder and their galaxies (randomly oriented)
     if sim.interlopers:
         mlim_near = abs_mag_limit(sim.mag_limit, chi - depth * (1 + z))
         floor = np.maximum(
@@ -106,31 +119,37 @@ def simulate_chunk(
     nb_lm = nb["log_m200c"].to_numpy(float)
     nb_local = np.arange(len(nb)) - np.searchsorted(nbd, nbd)
     nb_id = NEIGHBOUR_ID_BASE + diagram_id[nbd] * NEIGHBOUR_ID_STRIDE + nb_local
-    nb_pos = nb[["x", "y", "z"]].to_numpy(float)
-    nb_vel = nb[["vx", "vy", "vz"]].to_numpy(float)
+    nb_pos = nb[["x", "y", "z"]].to_numpy(float) - off_x[nbd]
+    nb_vel = nb[["vx", "vy", "vz"]].to_numpy(float) - off_v[nbd]
     nb_c = gal.concentration(nb_lm) * 10 ** (gal.CONC_SCATTER_DEX * rng.normal(size=len(nb)))
     ng = gal.populate_scaled(
         nb_lm,
         rng,
         abs_mag_limit(sim.mag_limit, chi[nbd] - depth[nbd] * (1 + z[nbd])),
-        sim.anisotropy,
         nb_c,
     )
     hi = ng["halo_index"]
+    nb_rot = hal.random_rotations(len(nb), rng)[hi]
     ngd = nbd[hi]
     nb_r200 = cosmology.r200c(nb_lm, z[nbd])
     nb_v200 = cosmology.v200c(nb_lm, z[nbd], r200=nb_r200)
-    npos = nb_pos[hi] + ng["x"] * nb_r200[hi, None]
-    nvel = nb_vel[hi] + ng["v"] * nb_v200[hi, None]
+    npos = nb_pos[hi] + np.einsum("nij,nj->ni", nb_rot, ng["x"]) * nb_r200[hi, None]
+    nvel = nb_vel[hi] + np.einsum("nij,nj->ni", nb_rot, ng["v"]) * nb_v200[hi, None]
 
-    # ---- observe everything
+    # ---- observe everything: projection, flux limit, window, then fibres and completeness
     pos = np.concatenate([mpos, npos])
     vel = np.concatenate([mvel, nvel])
     absm = np.concatenate([m_abs, ng["abs_mag_r"]])
     dgal = np.concatenate([md, ngd])
     obs = observe(pos, vel, absm, dgal, z, chi, window, sim.mag_limit)
-    keep = obs["keep"]
-    is_member = np.concatenate([np.ones(md.size, bool), np.zeros(ngd.size, bool)])
+    is_centre = np.concatenate([gi == centre_h[hd[md]], np.zeros(ngd.size, bool)])
+    cand = np.flatnonzero(obs["keep"])
+    got = spectroscopic_selection(obs["x_proj"][cand], obs["y_proj"][cand], dgal[cand], z, chi,
+                                  sim.survey, is_centre[cand], rng)
+    keep = np.zeros(dgal.size, bool)
+    keep[cand[got]] = True
+    is_member = np.concatenate([r3d[gi] < 1.0, np.zeros(ngd.size, bool)])
+    phase = np.concatenate([mem["phase"][gi], np.zeros(ngd.size, np.int8)])
     host_id = np.concatenate([halos["halo_id"].to_numpy(np.int64)[hd[md]], nb_id[hi]])
     host_lm = np.concatenate([lm_d[md], nb_lm[hi]])
     is_cen = np.concatenate([m_cen, ng["is_central"]])
@@ -148,10 +167,14 @@ def simulate_chunk(
             "mag_r": obs["mag_r"][order].astype(np.float32),
             "abs_mag_r": absm[order].astype(np.float32),
             "is_central": is_cen[order],
+            "is_centre": is_centre[order],
+            "phase": phase[order],
+            "los_offset": pos[order, 2].astype(np.float32),
         }
     )
     n_gal = np.bincount(dgal[keep], minlength=nd)
     n_mem = np.bincount(dgal[keep & is_member], minlength=nd)
+    n_target = np.bincount(dgal[obs["keep"]], minlength=nd)
 
     # ---- halos table: neighbours above the floor whose galaxies can reach the window
     nb_vlos = nb_vel[:, 2] + cosmology.hubble(z[nbd]) * nb_pos[:, 2]
@@ -177,7 +200,7 @@ def simulate_chunk(
             "v_los": nb_vlos[sel],
             "r200c": nb_r200[sel],
             "v200c": nb_v200[sel],
-            "r_3d": np.linalg.norm(nb_pos[sel], axis=1),
+            "r_3d": np.linalg.norm(nb_pos[sel] + off_x[nbd[sel]], axis=1),
             "in_window": in_win[sel],
             "n_gal": nb_gal[sel].astype(np.int64),
         }
@@ -185,6 +208,7 @@ def simulate_chunk(
     rproj = np.hypot(nb_pos[:, 0], nb_pos[:, 1])
     bigger = (nb_lm > lm_d[nbd]) & (rproj < window.r_max) & (np.abs(nb_vlos) < window.v_max)
     has_ic = np.bincount(nbd[bigger], minlength=nd) > 0
+    axes = mem["axes"][hd]
     clusters = pd.DataFrame(
         {
             "diagram_id": diagram_id,
@@ -202,6 +226,11 @@ def simulate_chunk(
             "los_x": basis[:, 2, 0],
             "los_y": basis[:, 2, 1],
             "los_z": basis[:, 2, 2],
+            "axis_q": axes[:, 1] / axes[:, 0],
+            "axis_s": axes[:, 2] / axes[:, 0],
+            "centre_offset": np.hypot(off_x[:, 0], off_x[:, 1]),
+            "centre_v_offset": off_v[:, 2],
+            "n_targets": n_target.astype(np.int64),
             "mag_limit_abs": abs_mag_limit(sim.mag_limit, chi),
             "interloper_fraction": np.where(n_gal > 0, 1 - n_mem / np.maximum(n_gal, 1), np.nan),
             "has_interloper_cluster": has_ic,

@@ -15,6 +15,19 @@ from ..config import WindowConfig
 #: extra line-of-sight velocity [km/s] beyond the window that peculiar velocities can bring in
 VELOCITY_MARGIN = 1200.0
 
+#: spectroscopic-survey effects per ``SimulationConfig.survey`` (flux limits and distance ranges
+#: are the config defaults in ``config.SURVEY_DEFAULTS``); references in docs/simulator.md.
+#: fibre_arcsec: fibre-collision radius; pair_loss: probability that one galaxy of a collided
+#: pair has no redshift; completeness: share of the remaining targets with a redshift;
+#: centre: the galaxy the diagram is centred on ("bcg": brightest galaxy inside R200c;
+#: "central": the halo's central galaxy, as in the paper's mock).
+SURVEYS: dict[str, dict] = {
+    "sdss": {"fibre_arcsec": 55.0, "pair_loss": 0.65, "completeness": 0.98, "centre": "bcg"},
+    "desi-bgs": {"fibre_arcsec": 0.0, "pair_loss": 0.0, "completeness": 0.80, "centre": "bcg"},
+    "paper": {"fibre_arcsec": 0.0, "pair_loss": 0.0, "completeness": 1.0, "centre": "central"},
+}
+ARCSEC = np.pi / 180.0 / 3600.0
+
 
 def to_sightline_frame(vec: np.ndarray, basis: np.ndarray) -> np.ndarray:
     """Rotate (N, 3) vectors into frames (N, 3, 3) with rows (e_x, e_y, e_los)."""
@@ -84,3 +97,41 @@ def observe(
         & (chi_gal > 0)
     )
     return {"x_proj": x, "y_proj": y, "v_los": v, "mag_r": mag, "keep": keep}
+
+
+def spectroscopic_selection(
+    x: np.ndarray,
+    y: np.ndarray,
+    diagram: np.ndarray,
+    redshift: np.ndarray,
+    chi: np.ndarray,
+    survey: str,
+    protect: np.ndarray,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """Which targets get a redshift: fibre collisions and random incompleteness.
+
+    ``x, y`` [h^-1 Mpc proper] of the targets (already flux limited), ``diagram`` their row in
+    ``redshift``/``chi``; ``protect`` marks galaxies that always keep their redshift (the
+    diagram centre). Pairs closer than the fibre radius (angular, at the cluster distance) lose
+    one redshift with probability ``pair_loss`` (the galaxy is chosen at random); every other
+    target keeps its redshift with probability ``completeness``.
+    """
+    from scipy.spatial import cKDTree
+
+    par = SURVEYS[survey]
+    n = x.size
+    ok = np.ones(n, bool)
+    if n and par["fibre_arcsec"] > 0 and par["pair_loss"] > 0:
+        sep = par["fibre_arcsec"] * ARCSEC * chi[diagram] / (1 + redshift[diagram])  # proper
+        pts = np.stack([x / sep, y / sep, diagram * 1e7], axis=1)
+        pairs = cKDTree(pts).query_pairs(1.0, output_type="ndarray")
+        # the scaled distance uses each galaxy's own (equal within a diagram) radius
+        lose = rng.random(len(pairs)) < par["pair_loss"]
+        pick = np.where(rng.random(len(pairs)) < 0.5, pairs[:, 0], pairs[:, 1])
+        alt = np.where(pick == pairs[:, 0], pairs[:, 1], pairs[:, 0])
+        victim = np.where(protect[pick], alt, pick)[lose]
+        ok[victim] = False
+    if par["completeness"] < 1:
+        ok &= rng.random(n) < par["completeness"]
+    return ok | protect
