@@ -35,6 +35,10 @@ def _box(seed=0):
         }
     )
     g = populate_halos(lm, 0.0, rng, mag_limit_abs=-19.0)
+    # keep each halo's galaxies within 1.5 R200c (the simulator draws outskirts to ~5 R200c),
+    # so that every galaxy of a cluster halo falls in the test's wide window
+    r200 = cosmology.r200c(lm, 0.0)[g["halo_index"].to_numpy()]
+    g = g[np.sqrt(g["dx"] ** 2 + g["dy"] ** 2 + g["dz"] ** 2).to_numpy() <= 1.5 * r200].reset_index(drop=True)
     h = g["halo_index"].to_numpy()
     gal = pd.DataFrame(
         {

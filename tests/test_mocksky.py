@@ -144,9 +144,10 @@ def test_mock_sky_windows_resemble_the_training_mocks(sky):
     sky_cat, info = sky_to_catalogue(gal, cl, cfg.window)
     m_sim, n_sim = cat.clusters["log_m200c"].to_numpy(), cat.clusters["n_gal"].to_numpy()
     m_sky, n_sky = cl["log_m200c_true"].to_numpy(), info["n_gal"].to_numpy()
-    # fraction of true members in the window
+    # fraction of the cluster halo's own galaxies (members and outskirts) in the window
     row = np.searchsorted(cat.clusters["diagram_id"].to_numpy(), cat.galaxies["diagram_id"].to_numpy())
-    f_sim = np.bincount(row, cat.galaxies["is_member"].to_numpy(float), minlength=len(m_sim)) / np.maximum(n_sim, 1)
+    own_sim = cat.galaxies["host_halo_id"].to_numpy() == cat.clusters["halo_id"].to_numpy()[row]
+    f_sim = np.bincount(row, own_sim.astype(float), minlength=len(m_sim)) / np.maximum(n_sim, 1)
     host = gal["halo_index"].to_numpy()[sky_cat.galaxies["galaxy_row"].to_numpy()]
     own = host == cl["halo_index"].to_numpy()[sky_cat.galaxies["diagram_id"].to_numpy()]
     f_sky = np.bincount(sky_cat.galaxies["diagram_id"], own, minlength=len(m_sky)) / np.maximum(n_sky, 1)

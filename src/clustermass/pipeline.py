@@ -48,10 +48,10 @@ def simulate_stage(cfg: RunConfig, out: Path, progress: bool = True, overwrite: 
     is only replaced with ``overwrite``. The catalogue streams to disk chunk by chunk, then is read back.
     """
     from ._io import guard_output
-    from .simulate import simulate_to_directory
+    from .simulate import MODEL_VERSION, simulate_to_directory
 
     out = Path(out)
-    key = config_hash(cfg.simulation, cfg.window) + f"-s{cfg.seed}"
+    key = config_hash(cfg.simulation, cfg.window) + f"-s{cfg.seed}-m{MODEL_VERSION}"
     existing = _existing_catalogue_key(out)
     if existing == key:
         _log(f"reusing catalogue in {out}", progress)
