@@ -24,7 +24,7 @@ import numpy as np
 
 from clustermass._io import write_json_atomic
 from clustermass.config import WindowConfig
-from clustermass.mocksky import simulate_sky
+from clustermass.simulate.mocksky import simulate_sky
 from clustermass.sky import SkyWarning, los_velocity, sky_to_catalogue, sky_to_projected
 
 

@@ -26,7 +26,7 @@ def make_tables(out: Path, area_deg2: float = 100.0, seed: int = 3) -> tuple[Pat
     """Write ``desi_galaxies.fits`` and ``desi_clusters.fits`` into ``out``; return their paths."""
     from astropy.table import Table
 
-    from clustermass.mocksky import simulate_sky
+    from clustermass.simulate.mocksky import simulate_sky
 
     rng = np.random.default_rng(seed)
     gal, cl, _ = simulate_sky(area_deg2=area_deg2, seed=seed, progress=False)

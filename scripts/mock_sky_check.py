@@ -21,8 +21,8 @@ from clustermass._io import save_figure, write_json_atomic
 from clustermass.config import load_config
 from clustermass.inference import compare_with_published, infer_sky
 from clustermass.massfunction import mass_function_from_posteriors, smoothed_theory
-from clustermass.mocksky import simulate_sky
 from clustermass.plots.sky import plot_contrast_histogram, plot_mass_comparison, plot_mass_function
+from clustermass.simulate.mocksky import simulate_sky
 
 
 def main() -> None:

@@ -10,7 +10,7 @@ from clustermass import cosmology
 from clustermass.config import WindowConfig
 from clustermass.errors import ClustermassError
 from clustermass.massfunction import mass_function_estimate, smoothed_theory
-from clustermass.mocksky import FULL_SKY_DEG2, simulate_sky, write_mock_sky
+from clustermass.simulate.mocksky import FULL_SKY_DEG2, simulate_sky, write_mock_sky
 from clustermass.sky import sky_to_catalogue
 
 AREA, DMAX, MLIM = 600.0, 250.0, 18.0

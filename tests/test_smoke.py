@@ -49,7 +49,7 @@ def test_infer_paths_with_a_trained_bundle(tmp_path):
     """`infer` on a catalogue (with per-cluster figures) and on sky tables of a mock sky."""
     from clustermass.catalog import read_catalogue, write_catalogue
     from clustermass.inference import infer_catalogue, infer_sky_tables
-    from clustermass.mocksky import simulate_sky
+    from clustermass.simulate.mocksky import simulate_sky
 
     out = tmp_path / "run"
     run_pipeline(load_config("tiny", overrides=["evaluation.comparison_models=[]",

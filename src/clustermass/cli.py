@@ -79,7 +79,7 @@ def simulate(
         cfg = _config(preset, config, set_, seed, simulation__n_train=n_train, simulation__n_test=n_test,
                       simulation__n_eval=n_diagrams - n_train - n_test)
     if sky:
-        from .mocksky import write_mock_sky
+        from .simulate.mocksky import write_mock_sky
 
         paths = write_mock_sky(out, area_deg2=area, sim=cfg.simulation, seed=cfg.seed, progress=not quiet)
         _write_config(cfg, out)

@@ -26,11 +26,11 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from . import cosmology
-from ._io import write_json_atomic
-from .errors import ClustermassError
-from .simulate import populate_halos
-from .simulate.observe import abs_mag_limit, distance_modulus
+from .. import cosmology
+from .._io import write_json_atomic
+from ..errors import ClustermassError
+from .galaxies import populate_halos
+from .observe import abs_mag_limit, distance_modulus
 
 FULL_SKY_DEG2 = 4.0 * np.pi * (180.0 / np.pi) ** 2
 
@@ -213,8 +213,8 @@ def _clustered_neighbours(log_m_cl, pos_cl, vel_cl, z_cl, log_m_floor: float, rn
     """Excess halos around each cluster: the simulator's (1 + b b xi) neighbours, thinned to the
     correlated part, placed in 3D around the cluster (sky axes east/north, third along the line
     of sight). Returns ((log_m, cluster index), comoving positions, peculiar velocities)."""
-    from .simulate import halos as hal
-    from .simulate.galaxies import concentration
+    from . import halos as hal
+    from .galaxies import concentration
 
     n = len(log_m_cl)
     if n == 0:
@@ -251,7 +251,7 @@ def write_mock_sky(out, area_deg2: float = 300.0, sim=None, seed: int = 0, progr
     ``sim`` (a :class:`~clustermass.config.SimulationConfig`) supplies ``distance_max``,
     ``mag_limit`` and ``log_m_min``; ``kwargs`` go to :func:`simulate_sky`. Returns the paths.
     """
-    from .catalog import write_parquet
+    from ..catalog import write_parquet
 
     opts = {}
     if sim is not None:
