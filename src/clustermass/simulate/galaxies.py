@@ -36,6 +36,7 @@ from scipy.integrate import cumulative_trapezoid
 from scipy.special import elliprd, exp1, gamma, gammaincc
 
 from .. import cosmology
+from .halos import nfw_enclosed_mass as _nfw_m
 
 #: Cacciato et al. (2009) CLF parameters as in halotools (Cacciato09Cens/Sats defaults)
 CLF_PARAMS = {
@@ -98,10 +99,6 @@ def log_l_to_mag(log_l):
 
 
 # ---------------------------------------------------------------------------- tables
-def _nfw_m(y):
-    return np.log1p(y) - y / (1.0 + y)
-
-
 @lru_cache(maxsize=4)
 def _halo_tables(z: float = Z_TABLE):
     """Grids of log M200c -> log c200c and nu200m (colossus, median c), and log10 M* (nonlinear mass)."""

@@ -333,6 +333,11 @@ def sightline_bases(n_sightlines: np.ndarray, rng: np.random.Generator) -> np.nd
 
 
 # ---------------------------------------------------------------------------- neighbours
+def nfw_enclosed_mass(y):
+    """NFW mass inside r = y r_s in units of 4 pi rho_s r_s^3: ln(1 + y) - y / (1 + y)."""
+    return np.log1p(y) - y / (1.0 + y)
+
+
 def infall_velocity(r, log_m_cl, r200_cl, v200_cl, conc_cl, z, bias=None) -> np.ndarray:
     """Mean radial peculiar velocity [km/s, < 0 = infall] of halos at proper distance r.
 
@@ -343,11 +348,9 @@ def infall_velocity(r, log_m_cl, r200_cl, v200_cl, conc_cl, z, bias=None) -> np.
     Cuesta et al. 2008; Zu & Weinberg 2013).
     """
     c = _use()
-    from .galaxies import _nfw_m
-
     r = np.asarray(r, dtype=float)
     rho_m = c.rho_m(z) * 1e9 * (1 + z) ** 3  # proper h^2 Msun Mpc^-3
-    m_in = 10**log_m_cl * _nfw_m(conc_cl * r / r200_cl) / _nfw_m(conc_cl)
+    m_in = 10**log_m_cl * nfw_enclosed_mass(conc_cl * r / r200_cl) / nfw_enclosed_mass(conc_cl)
     b = halo_bias(log_m_cl) if bias is None else bias
     delta = m_in / (rho_m * 4.0 / 3.0 * np.pi * r**3) + b * xibar_mm(r * (1 + z))
     f = c.Om(z) ** 0.55
