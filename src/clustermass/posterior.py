@@ -115,6 +115,10 @@ class JointKDEPosterior:
     bandwidth : float
         scipy ``bw_method`` factor of the (k+1)-D KDE (kernel covariance = bandwidth^2 x sample
         covariance of the pairs). Paper (k = 1): 0.20.
+    target_bandwidth : float or None
+        When given, the kernel's conditional width in log M at fixed x (its residual about the
+        kernel's regression on x) uses this factor instead of ``bandwidth``; the kernel stays a
+        joint Gaussian with the same regression slope. None: scipy's kernel.
     min_neighbours : float
         Smallest kernel weight of calibration pairs, ``n_eff(x)``, for ``x`` to count as
         covered by the calibration (see the module docstring).
@@ -180,6 +184,7 @@ class JointKDEPosterior:
         node_spacing: float = 0.1,
         interp_tol: float = 1e-5,
         prior_range: tuple[float, float] | None = None,
+        target_bandwidth: float | None = None,
     ) -> None:
         self.bandwidth = bandwidth
         self.min_neighbours = min_neighbours
@@ -187,11 +192,13 @@ class JointKDEPosterior:
         self.node_spacing = node_spacing
         self.interp_tol = interp_tol
         self.prior_range = None if prior_range is None else (float(prior_range[0]), float(prior_range[1]))
+        self.target_bandwidth = target_bandwidth
 
     # ------------------------------------------------------------------ fitting
     def get_params(self) -> dict[str, Any]:
         """Hyperparameters as a dict (scikit-learn style)."""
-        keys = ("bandwidth", "min_neighbours", "window", "node_spacing", "interp_tol", "prior_range")
+        keys = ("bandwidth", "min_neighbours", "window", "node_spacing", "interp_tol", "prior_range",
+                "target_bandwidth")
         return {k: getattr(self, k) for k in keys}
 
     def fit(self, d_pred, log_m_true, weights=None) -> JointKDEPosterior:
@@ -246,6 +253,13 @@ class JointKDEPosterior:
         cond = smm - float(sxm @ coef)
         if not (np.all(np.diag(sxx) > 0) and smm > 0 and cond > 1e-12 * smm):
             raise CalibrationError("calibration pairs are degenerate (zero or perfectly correlated variance)")
+        if self.target_bandwidth is not None:  # narrower kernel along log M at fixed x only
+            if not self.target_bandwidth > 0:
+                raise CalibrationError("target_bandwidth must be > 0")
+            cond *= (self.target_bandwidth / self.bandwidth) ** 2
+            smm = cond + float(sxm @ coef)
+            kcov = kcov.copy()
+            kcov[k, k] = smm
         white = np.linalg.inv(chol)  # y = white @ x: kernel exp(-|y - y_i|^2 / 2)
         if self.prior_range is not None:
             a, b = self.prior_range
