@@ -133,6 +133,8 @@ class Calibration:
     prior_range : (float, float) or None
         Support of the training masses; kernels are cut to it and renormalised (None: no cut).
     prior : "flat" or "mass-function"
+    mean_degree, heteroscedastic :
+        Trend model of the KDE (:class:`~clustermass.posterior.JointKDEPosterior`).
     prior_options : dict
         For ``mass-function``: ``cosmo`` and ``z_ref`` (see :func:`mass_function_weights`).
     posterior : JointKDEPosterior
@@ -151,11 +153,15 @@ class Calibration:
     prior: str = "flat"
     prior_options: dict = field(default_factory=dict)
     meta: dict = field(default_factory=dict)
+    mean_degree: int = 2
+    heteroscedastic: bool = True
     posterior: JointKDEPosterior = field(init=False, repr=False)
     weights: np.ndarray | None = field(init=False, repr=False, default=None)
 
     def __post_init__(self) -> None:
         self.conditioning = tuple(self.conditioning)
+        if int(self.mean_degree) == 1:
+            self.heteroscedastic = False
         bad = [c for c in self.conditioning if c not in CONDITIONING_CHOICES]
         if bad or not self.conditioning or self.conditioning[0] != "d_pred":
             raise CalibrationError(f"conditioning must start with d_pred and use {CONDITIONING_CHOICES}, "
@@ -190,7 +196,8 @@ class Calibration:
             if self.prior_range is None:
                 raise CalibrationError("the mass-function prior needs the prior range of the training masses")
             weights = mass_function_weights(m, p["z"].to_numpy()[used], self.prior_range, **self.prior_options)
-        post = JointKDEPosterior(self.bandwidth, min_neighbours=self.min_neighbours, prior_range=self.prior_range)
+        post = JointKDEPosterior(self.bandwidth, min_neighbours=self.min_neighbours, prior_range=self.prior_range,
+                                 mean_degree=self.mean_degree, heteroscedastic=self.heteroscedastic)
         post.fit(p[list(cols)].to_numpy()[used], m, weights=weights)
         return post, weights, used
 
@@ -206,7 +213,7 @@ class Calibration:
     def with_prior(self, prior: str, **options) -> Calibration:
         """The same calibration under another prior (``flat`` or ``mass-function``)."""
         return Calibration(self.pairs, self.conditioning, self.bandwidth, self.min_neighbours, self.prior_range,
-                           prior, dict(options), dict(self.meta))
+                           prior, dict(options), dict(self.meta), self.mean_degree, self.heteroscedastic)
 
     # ------------------------------------------------------------------ applying
     def features(self, d_pred, conditions: pd.DataFrame | None = None) -> np.ndarray:
@@ -260,7 +267,8 @@ class Calibration:
         return {
             "format": CALIBRATION_FORMAT, "format_version": CALIBRATION_VERSION,
             "conditioning": list(self.conditioning), "bandwidth": float(self.bandwidth),
-            "min_neighbours": float(self.min_neighbours),
+            "min_neighbours": float(self.min_neighbours), "mean_degree": int(self.mean_degree),
+            "heteroscedastic": bool(self.heteroscedastic),
             "prior_range": list(self.prior_range) if self.prior_range is not None else None,
             "boundary": "kernels cut to prior_range and renormalised" if self.prior_range is not None else "none",
             "prior": self.prior, "prior_options": self.prior_options,
@@ -302,17 +310,18 @@ class Calibration:
         except Exception as exc:
             raise CalibrationError(f"cannot read {pq}: {exc}") from exc
         keep = ("format", "format_version", "conditioning", "bandwidth", "min_neighbours", "prior_range",
-                "boundary", "prior", "prior_options", "n_pairs", "file")
+                "boundary", "prior", "prior_options", "n_pairs", "file", "mean_degree", "heteroscedastic")
         return cls(pairs, tuple(s.get("conditioning", ["d_pred"])), float(s.get("bandwidth", 0.2)),
                    float(s.get("min_neighbours", 5.0)),
                    tuple(s["prior_range"]) if s.get("prior_range") else None, s.get("prior", "flat"),
-                   dict(s.get("prior_options") or {}), {k: v for k, v in s.items() if k not in keep})
+                   dict(s.get("prior_options") or {}), {k: v for k, v in s.items() if k not in keep},
+                   int(s.get("mean_degree", 1)), bool(s.get("heteroscedastic", False)))
 
 
 def fit_calibration(d_pred, log_m_true, conditions: pd.DataFrame | None = None, *,
                     conditioning=DEFAULT_CONDITIONING, bandwidth: float = 0.20, min_neighbours: float = 5.0,
                     prior_range=None, prior: str = "flat", prior_options: dict | None = None,
-                    meta: dict | None = None) -> Calibration:
+                    meta: dict | None = None, mean_degree: int = 2, heteroscedastic: bool = True) -> Calibration:
     """A :class:`Calibration` from arrays (any estimator: networks or classical baselines).
 
     ``conditions``: table aligned with ``d_pred`` with ``z`` and ``log_n_gal``. Pairs with a
@@ -336,7 +345,7 @@ def fit_calibration(d_pred, log_m_true, conditions: pd.DataFrame | None = None, 
     conditioning = tuple(c for c in conditioning if c == "d_pred" or
                          (c in pairs.columns and np.isfinite(pairs.loc[ok, c]).mean() >= 0.5))
     return Calibration(pairs[ok].reset_index(drop=True), conditioning, bandwidth, min_neighbours,
-                       prior_range, prior, dict(prior_options or {}), dict(meta or {}))
+                       prior_range, prior, dict(prior_options or {}), dict(meta or {}), mean_degree, heteroscedastic)
 
 
 def prior_range_of(bundle) -> tuple[float, float] | None:
@@ -392,6 +401,7 @@ def calibrate(bundle, catalogue, *, split: str = "test", config=None, conditioni
     cal = fit_calibration(d_pred, truth, cond, conditioning=tuple(conditioning or getattr(cfg, "conditioning",
                                                                                           DEFAULT_CONDITIONING)),
                           bandwidth=cfg.bandwidth, min_neighbours=cfg.min_neighbours, prior_range=prior_range,
+                          mean_degree=getattr(cfg, "mean_degree", 2), heteroscedastic=getattr(cfg, "heteroscedastic", True),
                           meta={"split": split, "model": (bundle.meta or {}).get("integrity")})
     if store:
         bundle.set_calibration_object(cal)

@@ -115,6 +115,17 @@ class JointKDEPosterior:
     bandwidth : float
         scipy ``bw_method`` factor of the (k+1)-D KDE (kernel covariance = bandwidth^2 x sample
         covariance of the pairs). Paper (k = 1): 0.20.
+    mean_degree : int
+        1: the plain Gaussian KDE of ``(x, log M)`` (its kernels carry the linear trend). 2: the
+        KDE of ``(x, r)`` with ``r = log M - mu(x)`` the residual about a quadratic least-squares
+        fit ``mu`` of log M on x; the posterior is still a Gaussian mixture in log M (component
+        means ``mu(x) + r_i + ...``), but the kernels need not follow a curved trend, so a wider
+        bandwidth can be used in k > 1 dimensions without bias.
+    heteroscedastic : bool
+        With ``mean_degree`` 2: also fit the residual scale ``sigma(x)`` (quadratic model of
+        log |r|) and build the KDE of ``(x, r / sigma(x))``; component i then has mean
+        ``mu(x) + sigma(x) (u_i + coef . x)`` and width ``sigma(x) sigma_u`` (posterior widths follow
+        the local scatter, e.g. narrower for richer clusters). Still an exact Gaussian mixture.
     target_bandwidth : float or None
         When given, the kernel's conditional width in log M at fixed x (its residual about the
         kernel's regression on x) uses this factor instead of ``bandwidth``; the kernel stays a
@@ -185,6 +196,8 @@ class JointKDEPosterior:
         interp_tol: float = 1e-5,
         prior_range: tuple[float, float] | None = None,
         target_bandwidth: float | None = None,
+        mean_degree: int = 1,
+        heteroscedastic: bool = False,
     ) -> None:
         self.bandwidth = bandwidth
         self.min_neighbours = min_neighbours
@@ -193,12 +206,14 @@ class JointKDEPosterior:
         self.interp_tol = interp_tol
         self.prior_range = None if prior_range is None else (float(prior_range[0]), float(prior_range[1]))
         self.target_bandwidth = target_bandwidth
+        self.mean_degree = int(mean_degree)
+        self.heteroscedastic = bool(heteroscedastic)
 
     # ------------------------------------------------------------------ fitting
     def get_params(self) -> dict[str, Any]:
         """Hyperparameters as a dict (scikit-learn style)."""
         keys = ("bandwidth", "min_neighbours", "window", "node_spacing", "interp_tol", "prior_range",
-                "target_bandwidth")
+                "target_bandwidth", "mean_degree", "heteroscedastic")
         return {k: getattr(self, k) for k in keys}
 
     def fit(self, d_pred, log_m_true, weights=None) -> JointKDEPosterior:
@@ -242,7 +257,27 @@ class JointKDEPosterior:
             if w.size != n or not (np.isfinite(w).all() and (w >= 0).all() and w.sum() > 0):
                 raise CalibrationError("weights must be one finite, non-negative value per pair (not all 0)")
             w = w / w.mean()
-        cov = np.atleast_2d(np.cov(np.column_stack([x, m]).T))
+        if self.mean_degree not in (1, 2):
+            raise CalibrationError(f"mean_degree must be 1 or 2, not {self.mean_degree}")
+        self.x_loc_, self.x_scale_ = x.mean(0), x.std(0)
+        if not np.all(self.x_scale_ > 0):
+            raise CalibrationError("calibration pairs are degenerate (a conditioning column is constant)")
+        self.mean_coef_ = None
+        self.scale_coef_ = None
+        if self.heteroscedastic and self.mean_degree != 2:
+            raise CalibrationError("heteroscedastic needs mean_degree=2")
+        if self.mean_degree == 2:
+            feats = self._features(x)
+            self.mean_coef_ = np.linalg.lstsq(feats, m, rcond=None)[0]
+            if self.heteroscedastic:
+                r = np.abs(m - feats @ self.mean_coef_)
+                floor = max(float(np.median(r)) * 1e-3, 1e-12)
+                self.scale_coef_ = np.linalg.lstsq(feats, np.log(r + floor), rcond=None)[0]
+                self.scale_coef_[0] += 0.6352  # E log|N(0, 1)| = -0.6352: sigma, not E|r|
+                self._scale_clip = float(np.median(np.exp(feats @ self.scale_coef_)))
+        sm_raw = math.sqrt(self.bandwidth**2 * float(np.var(m, ddof=1)))  # m-width of a kernel
+        m_fit = (m - self._mean(x)) / self._scale(x)
+        cov = np.atleast_2d(np.cov(np.column_stack([x, m_fit]).T))
         kcov = self.bandwidth**2 * cov
         sxx, sxm, smm = kcov[:k, :k], kcov[:k, k], kcov[k, k]
         try:
@@ -269,7 +304,7 @@ class JointKDEPosterior:
             if m.min() < a - tol or m.max() > b + tol:
                 raise CalibrationError(f"calibration masses [{m.min():.3f}, {m.max():.3f}] exceed the prior range "
                                        f"[{a}, {b}]")
-            sm = math.sqrt(smm)
+            sm = math.sqrt(smm) if self.mean_degree == 1 else sm_raw
             zj = ndtr((b - m) / sm) - ndtr((a - m) / sm)  # mass of each kernel inside the support
             c = w / np.maximum(zj, 1e-300)
         else:
@@ -292,7 +327,7 @@ class JointKDEPosterior:
         self.beta_ = float(coef[0])
         self.sigma_d_ = float(math.sqrt(sxx[0, 0]))
         self.sigma_u_ = float(math.sqrt(cond))
-        self.u_ = self.log_m_ - self.x_ @ coef
+        self.u_ = (self.log_m_ - self._shift(self.x_)) / self._scale(self.x_)
         self.d_range_ = (float(self.d_.min()), float(self.d_.max()))
         self.valid_intervals_ = self._find_valid_intervals() if k == 1 else None
         if k > 1 and not (self._n_eff(self.x_) >= self.min_neighbours).any():
@@ -325,6 +360,31 @@ class JointKDEPosterior:
     def _check_fitted(self) -> None:
         if not hasattr(self, "d_"):
             raise CalibrationError("JointKDEPosterior is not fitted; call fit(d_pred, log_m_true) first")
+
+    def _features(self, x: np.ndarray) -> np.ndarray:
+        """Quadratic polynomial features of standardised x: 1, x_j, x_j x_l (j <= l)."""
+        z = (x - self.x_loc_) / self.x_scale_
+        cols = [np.ones(z.shape[0])] + [z[:, j] for j in range(z.shape[1])]
+        cols += [z[:, j] * z[:, l] for j in range(z.shape[1]) for l in range(j, z.shape[1])]
+        return np.column_stack(cols)
+
+    def _mean(self, x: np.ndarray) -> np.ndarray:
+        """The fitted trend mu(x) (0 for mean_degree 1)."""
+        if self.mean_coef_ is None:
+            return np.zeros(x.shape[0])
+        return self._features(x) @ self.mean_coef_
+
+    def _scale(self, x: np.ndarray) -> np.ndarray:
+        """The fitted residual scale sigma(x) (1 unless heteroscedastic), clipped to 0.1-10x its median."""
+        if self.scale_coef_ is None:
+            return np.ones(x.shape[0])
+        c = self._scale_clip
+        return np.clip(np.exp(self._features(x) @ self.scale_coef_), 0.1 * c, 10 * c)
+
+    def _shift(self, x: np.ndarray) -> np.ndarray:
+        """Component means are ``shift(x) + scale(x) u_i``: the trend plus the kernels' linear
+        regression (``log M = shift(x) + scale(x) u`` maps the u grid to log M)."""
+        return self._mean(x) + self._scale(x) * (x @ self.coef_)
 
     def _as_x(self, d_obs) -> np.ndarray:
         """Conditioning values as an (n, k) array."""
@@ -450,8 +510,8 @@ class JointKDEPosterior:
         """Prior support in u at each row of x, or None without a prior range."""
         if self.prior_range is None:
             return None
-        shift = x @ self.coef_
-        return self.prior_range[0] - shift, self.prior_range[1] - shift
+        shift, scale = self._shift(x), self._scale(x)
+        return (self.prior_range[0] - shift) / scale, (self.prior_range[1] - shift) / scale
 
     # ------------------------------------------------------------------ grid tables
     def _u_grid(self) -> np.ndarray:
@@ -566,9 +626,9 @@ class JointKDEPosterior:
             xc = x[i0 : i0 + chunk]
             tab = self._exact_tables(xc) if method == "exact" else self._interp_tables(xc[:, 0])
             res = _solve_tables(tab, self.ug_)
-            shift = xc @ self.coef_
+            shift, scale = self._shift(xc), self._scale(xc)
             for k in _STATS:
-                out[k][i0 : i0 + chunk] = res[k] + shift
+                out[k][i0 : i0 + chunk] = res[k] * scale + shift
         if self.prior_range is not None:  # the truncated density peaks inside the support
             out["log_m_map"] = np.clip(out["log_m_map"], *self.prior_range)
         return out
@@ -674,15 +734,16 @@ class JointKDEPosterior:
             for j in range(0, rows.size, step):
                 r = rows[j : j + step]
                 w = self._weights(xc[r], lo, hi)
-                shift = xc[r] @ self.coef_
+                shift, scale = self._shift(xc[r]), self._scale(xc[r])
                 u = self.u_[None, lo:hi, None]
-                z = (vals[r][:, None, :] - shift[:, None, None] - u) / s
-                f = np.exp(-0.5 * z * z) / (s * _SQRT2PI) if kind == "pdf" else ndtr(z)
+                z = ((vals[r][:, None, :] - shift[:, None, None]) / scale[:, None, None] - u) / s
+                f = np.exp(-0.5 * z * z) / (s * _SQRT2PI * scale[:, None, None]) if kind == "pdf" else ndtr(z)
                 res = np.einsum("rm,rmg->rg", w, f)
                 if self.prior_range is not None:
                     a, b = self.prior_range
-                    ha = (w * ndtr((a - shift[:, None] - u[:, :, 0]) / s)).sum(1)[:, None]
-                    hb = (w * ndtr((b - shift[:, None] - u[:, :, 0]) / s)).sum(1)[:, None]
+                    au, bu = (a - shift) / scale, (b - shift) / scale
+                    ha = (w * ndtr((au[:, None] - u[:, :, 0]) / s)).sum(1)[:, None]
+                    hb = (w * ndtr((bu[:, None] - u[:, :, 0]) / s)).sum(1)[:, None]
                     norm = np.maximum(hb - ha, 1e-300)
                     v = vals[r]
                     if kind == "pdf":
@@ -721,11 +782,12 @@ class JointKDEPosterior:
         for idx, lo, hi in self._blocks(t):
             rows = fin[idx]
             w = self._weights(xc[rows], lo, hi)
-            shift = xc[rows] @ self.coef_
-            if self.prior_range is not None:  # component weights of the truncated mixture
+            shift, scale = self._shift(xc[rows]), self._scale(xc[rows])
+            if self.prior_range is not None:  # component weights of the truncated mixture (u space)
                 a, b = self.prior_range
-                mu = self.u_[None, lo:hi] + shift[:, None]
-                w = w * (ndtr((b - mu) / s) - ndtr((a - mu) / s))
+                au, bu = ((a - shift) / scale)[:, None], ((b - shift) / scale)[:, None]
+                mu = self.u_[None, lo:hi]
+                w = w * (ndtr((bu - mu) / s) - ndtr((au - mu) / s))
             cum = np.cumsum(w, axis=1)
             cum /= cum[:, -1:]
             bsz, m = cum.shape
@@ -733,13 +795,16 @@ class JointKDEPosterior:
             r = rng.random((bsz, n)) + offs
             comp = np.searchsorted((cum + offs).ravel(), r.ravel()).reshape(bsz, n) - offs * m
             comp = np.clip(comp, 0, m - 1) + lo
-            mu = self.u_[comp] + shift[:, None]
+            mu = self.u_[comp]
             if self.prior_range is None:
-                out[rows] = mu + s * rng.standard_normal((bsz, n))
+                uu = mu + s * rng.standard_normal((bsz, n))
             else:
-                pa, pb = ndtr((a - mu) / s), ndtr((b - mu) / s)
+                pa, pb = ndtr((au - mu) / s), ndtr((bu - mu) / s)
                 q = pa + (pb - pa) * rng.random((bsz, n))
-                out[rows] = np.clip(mu + s * ndtri(np.clip(q, 1e-300, 1 - 1e-16)), a, b)
+                uu = mu + s * ndtri(np.clip(q, 1e-300, 1 - 1e-16))
+            out[rows] = shift[:, None] + scale[:, None] * uu
+            if self.prior_range is not None:
+                out[rows] = np.clip(out[rows], a, b)
         return out
 
     def joint_pdf(self, d_grid, log_m_grid) -> np.ndarray:
@@ -770,8 +835,9 @@ class JointKDEPosterior:
                 r = idx[j : j + step]
                 zd = (dg[r, None] - self.d_[None, lo:hi]) / sd
                 wd = np.exp(-0.5 * zd * zd) * cw[None, lo:hi]
-                zu = (mg[None, None, :] - self.beta_ * dg[r, None, None] - self.u_[None, lo:hi, None]) / s
-                out[r] = np.einsum("rm,rmg->rg", wd, np.exp(-0.5 * zu * zu)) * norm
+                sc = self._scale(dg[r, None])[:, None, None]
+                zu = ((mg[None, None, :] - self._shift(dg[r, None])[:, None, None]) / sc - self.u_[None, lo:hi, None]) / s
+                out[r] = np.einsum("rm,rmg->rg", wd, np.exp(-0.5 * zu * zu) / sc) * norm
         if self.prior_range is not None:
             out[:, (mg < self.prior_range[0]) | (mg > self.prior_range[1])] = 0.0
         return out
