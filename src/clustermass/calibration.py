@@ -253,14 +253,39 @@ class Calibration:
         out["out_of_range"] = out["out_of_range"].astype(bool)
         return out
 
-    def cdf(self, features, log_m) -> np.ndarray:
-        """Posterior CDF at ``log_m`` for rows of ``features`` (n, k) (all values known)."""
+    def _dispatch(self, features, fn_name: str, vals) -> np.ndarray:
         x = np.asarray(features, dtype=float)
-        return self.posterior.cdf(x if self.posterior.n_cond_ > 1 else x.reshape(x.shape[0], -1)[:, 0], log_m)
+        x = x.reshape(x.shape[0], -1)
+        v = np.asarray(vals, dtype=float)
+        two_d = v.ndim == 2
+        out = np.full(v.shape if fn_name == "cdf" else (x.shape[0], v.size), np.nan)
+        full = np.isfinite(x).all(1)
+        part = np.isfinite(x[:, 0]) & ~full
+        for sel, post in ((full, self.posterior), (part, self.marginal)):
+            if not sel.any():
+                continue
+            arg = x[sel][:, : post.n_cond_] if post.n_cond_ > 1 else x[sel, 0]
+            if fn_name == "cdf":
+                out[sel] = post.cdf(arg, v[sel] if two_d or v.ndim == 1 else v)
+            else:
+                out[sel] = post.pdf(arg, v)
+        return out
+
+    def cdf(self, features, log_m) -> np.ndarray:
+        """Posterior CDF at ``log_m`` (n,) or (n, j) for rows of ``features`` (n, k) (exact; rows
+        missing a conditioning value use :attr:`marginal`, rows without ``d_pred`` give NaN)."""
+        return self._dispatch(features, "cdf", log_m)
 
     def pdf(self, features, log_m_grid) -> np.ndarray:
-        x = np.asarray(features, dtype=float)
-        return self.posterior.pdf(x if self.posterior.n_cond_ > 1 else x.reshape(x.shape[0], -1)[:, 0], log_m_grid)
+        """Posterior density [1/dex] on ``log_m_grid`` (g,) for rows of ``features`` (n, k)."""
+        return self._dispatch(features, "pdf", np.asarray(log_m_grid, dtype=float).ravel())
+
+    def features_of(self, table: pd.DataFrame) -> np.ndarray:
+        """Conditioning array of a posterior table (``d_pred``, ``cond_z``, ``cond_log_n_gal``)."""
+        cond = pd.DataFrame({"z": table["cond_z"] if "cond_z" in table else np.nan,
+                             "log_n_gal": table["cond_log_n_gal"] if "cond_log_n_gal" in table else np.nan},
+                            index=table.index)
+        return self.features(table["d_pred"].to_numpy(float), cond)
 
     # ------------------------------------------------------------------ persistence
     def settings(self) -> dict:

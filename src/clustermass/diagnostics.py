@@ -42,7 +42,8 @@ def _pairs(d_obs, log_m_true) -> tuple[np.ndarray, np.ndarray]:
     m = np.asarray(log_m_true, dtype=float).ravel()
     if d.shape[0] != m.shape[0]:
         raise DiagnosticsError(f"d_obs ({d.shape[0]}) and log_m_true ({m.size}) differ in length")
-    ok = (np.isfinite(d) if d.ndim == 1 else np.isfinite(d).all(1)) & np.isfinite(m)
+    # (n, k): a row needs its first value (d_pred); missing further ones are the posterior's business
+    ok = (np.isfinite(d) if d.ndim == 1 else np.isfinite(d[:, 0])) & np.isfinite(m)
     if not ok.any():
         raise DiagnosticsError("no finite evaluation pairs")
     return d[ok], m[ok]
