@@ -99,10 +99,12 @@ class CalibrationConfig(_Section):
     """SBI calibration: joint KDE of (prediction, conditioning variables, true mass) on the test
     split (sec. 6; docs/calibration.md)."""
 
-    conditioning: list[Literal["d_pred", "z", "log_n_gal"]] = Field(
-        default_factory=lambda: ["d_pred", "z", "log_n_gal"],
+    conditioning: Literal["auto"] | list[Literal["d_pred", "z", "log_n_gal"]] = Field(
+        "auto",
         description="what the posterior conditions on: the network output d_pred (first), the cluster "
-                    "redshift z and log10 of the galaxies in the window (paper: [d_pred])")
+                    "redshift z, log10 of the galaxies in the window; auto: the sharpest of "
+                    "[d_pred, z, log_n_gal], [d_pred, z], [d_pred] that passes a cross-validated "
+                    "calibration check on the calibration split (paper: [d_pred])")
     bandwidth: float = Field(0.30, gt=0, description="scipy bw_method factor of the joint KDE (paper, "
                                                       "d_pred only: 0.20)")
     min_neighbours: float = Field(

@@ -734,7 +734,7 @@ def evaluate(
         raise ClustermassError(f"the catalogue has no clusters in split {split!r}")
     results: dict[str, pd.DataFrame] = {}
     posteriors: dict = {}
-    from .calibration import CalibrationError, cluster_conditions, fit_calibration
+    from .calibration import CalibrationError, cluster_conditions, fit_calibration, validate_conditioning
     from .inference import posterior_table
 
     keep = [*SUMMARY_COLUMNS, "out_of_range", "conditioned_on", "cond_z", "cond_log_n_gal"]
@@ -754,8 +754,8 @@ def evaluate(
 
         window = window or WindowConfig()
         dflt = CalibrationConfig()
-        opts = {"conditioning": ref_cal.conditioning if ref_cal else tuple(dflt.conditioning),
-                "min_neighbours": ref_cal.min_neighbours if ref_cal else dflt.min_neighbours,
+        conditioning = ref_cal.conditioning if ref_cal else dflt.conditioning
+        opts = {"min_neighbours": ref_cal.min_neighbours if ref_cal else dflt.min_neighbours,
                 "prior_range": ref_cal.prior_range if ref_cal else None,
                 "mean_degree": ref_cal.mean_degree if ref_cal else dflt.mean_degree,
                 "heteroscedastic": ref_cal.heteroscedastic if ref_cal else dflt.heteroscedastic}
@@ -766,7 +766,12 @@ def evaluate(
         for name, col in BASELINES.items():
             v = raw[col].to_numpy(float)
             try:  # the same calibration and table builder as the networks
-                cal = fit_calibration(v[: len(cal_rows)], t_cal, cond_cal, bandwidth=calibration_bandwidth, **opts)
+                chosen = conditioning
+                if chosen == "auto":
+                    chosen, _ = validate_conditioning(v[: len(cal_rows)], t_cal, cond_cal,
+                                                      bandwidth=calibration_bandwidth, **opts)
+                cal = fit_calibration(v[: len(cal_rows)], t_cal, cond_cal, bandwidth=calibration_bandwidth,
+                                      conditioning=tuple(chosen), **opts)
                 table = posterior_table(None, catalogue, rows, calibration=cal, d_pred=v[len(cal_rows):],
                                         window=window)
                 results[name], posteriors[name] = table[keep].reset_index(drop=True), cal
