@@ -570,9 +570,10 @@ class JointKDEPosterior:
 
     def _build_nodes(self) -> None:
         """Tables on nodes spaced ``node_spacing * sigma_d`` over each valid interval (k = 1),
-        checked at every cell midpoint against exact values; the spacing halves until the
-        summaries agree to ``interp_tol`` (at most 4 times). Cells still failing after that are
-        marked for exact evaluation (``_interp_tables``)."""
+        checked at every cell midpoint against exact values; failing cells are split (their
+        midpoint becomes a node) and they and their neighbours rechecked, until the summaries
+        agree to ``interp_tol`` (at most 4 times). Cells still failing after that are marked
+        for exact evaluation (``_interp_tables``)."""
         tables = []
         worst = 0.0
         for a, b in self.valid_intervals_:
@@ -582,19 +583,29 @@ class JointKDEPosterior:
             n = max(int(np.ceil((b - a) / h)), 3) + 1
             nodes = np.linspace(a, b, n)
             vals = self._exact_tables(nodes)
+            check = np.arange(n - 1)  # cells whose midpoint is (re)checked
+            bad = np.zeros(n - 1, bool)
+            err = np.zeros(n - 1)
             for halvings in range(_MAX_HALVINGS + 1):
                 spline = CubicSpline(nodes, vals, axis=0)
-                mids = 0.5 * (nodes[1:] + nodes[:-1])
+                mids = 0.5 * (nodes[check] + nodes[check + 1])
                 exact_mid = self._exact_tables(mids)
-                err = _table_summary_errors(spline(mids), exact_mid, self.ug_)
-                bad = err > self.interp_tol
-                if not bad.any() or halvings == _MAX_HALVINGS:
+                e = _table_summary_errors(spline(mids), exact_mid, self.ug_)
+                err[check] = e
+                bad[check] = e > self.interp_tol
+                if not bad[check].any() or halvings == _MAX_HALVINGS:
                     break
-                merged = np.empty(2 * n - 1)
-                merged[0::2], merged[1::2] = nodes, mids
-                mv = np.empty((2 * n - 1, vals.shape[1]))
-                mv[0::2], mv[1::2] = vals, exact_mid
-                nodes, vals, n = merged, mv, 2 * n - 1
+                # split only the failing cells (their midpoints become nodes), then recheck the
+                # new cells and their neighbours (the spline is global, its changes local)
+                new_nodes = np.concatenate([nodes, mids[bad[check]]])
+                new_vals = np.concatenate([vals, exact_mid[bad[check]]])
+                order = np.argsort(new_nodes, kind="stable")
+                nodes, vals = new_nodes[order], new_vals[order]
+                inserted = np.searchsorted(nodes, mids[bad[check]])
+                near = np.unique(np.clip((inserted[:, None] + np.arange(-3, 3)[None, :]).ravel(), 0, nodes.size - 2))
+                check = near
+                err = np.zeros(nodes.size - 1)
+                bad = np.zeros(nodes.size - 1, bool)
             if (~bad).any():
                 worst = max(worst, float(err[~bad].max()))
             tables.append((a, b, spline, nodes, bad))
