@@ -29,12 +29,15 @@ from clustermass.config import WindowConfig
 from clustermass.diagnostics import NOMINAL_68, NOMINAL_95, group_calibration
 from clustermass.posterior import JointKDEPosterior
 
+#: name -> (conditioning, boundary, bandwidth, mean_degree, heteroscedastic)
 VARIANTS = {
-    "d_pred (old: no boundary)": (("d_pred",), False),
-    "d_pred": (("d_pred",), True),
-    "d_pred + z": (("d_pred", "z"), True),
-    "d_pred + z + log_n_gal": (("d_pred", "z", "log_n_gal"), True),
-    "d_pred + log_n_gal": (("d_pred", "log_n_gal"), True),
+    "d_pred, bw 0.20, no prior edges (before issue 13)": (("d_pred",), False, 0.2, 1, False),
+    "d_pred, bw 0.20": (("d_pred",), True, 0.2, 1, False),
+    "d_pred + z, bw 0.20": (("d_pred", "z"), True, 0.2, 1, False),
+    "d_pred + z, bw 0.30, trend": (("d_pred", "z"), True, 0.3, 2, True),
+    "d_pred + z + log_n_gal, bw 0.20": (("d_pred", "z", "log_n_gal"), True, 0.2, 1, False),
+    "d_pred + z + log_n_gal, bw 0.30": (("d_pred", "z", "log_n_gal"), True, 0.3, 1, False),
+    "d_pred + z + log_n_gal, bw 0.30, trend (default)": (("d_pred", "z", "log_n_gal"), True, 0.3, 2, True),
 }
 
 
@@ -75,8 +78,9 @@ def score(pit, width, ev) -> dict:
     }
 
 
-def kde_variant(cal, ev, cols, boundary, prior_range, bandwidth):
-    post = JointKDEPosterior(bandwidth, prior_range=prior_range if boundary else None)
+def kde_variant(cal, ev, cols, boundary, prior_range, bandwidth, mean_degree=1, heteroscedastic=False):
+    post = JointKDEPosterior(bandwidth, prior_range=prior_range if boundary else None, mean_degree=mean_degree,
+                             heteroscedastic=heteroscedastic)
     x = cal[list(cols)].to_numpy()
     post.fit(x if len(cols) > 1 else x[:, 0], cal["log_m_true"].to_numpy())
     xe = ev[list(cols)].to_numpy()
@@ -87,6 +91,7 @@ def kde_variant(cal, ev, cols, boundary, prior_range, bandwidth):
     dt = time.perf_counter() - t0
     out = score(pit, (s["log_m_hi1"] - s["log_m_lo1"]).to_numpy(), ev)
     out["seconds"] = dt
+    out["out_of_range"] = float(s["out_of_range"].mean())
     return out
 
 
@@ -144,25 +149,38 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run", type=Path)
     ap.add_argument("--kind", default="cnn3d")
-    ap.add_argument("--bandwidth", type=float, default=0.2)
     ap.add_argument("--npe", action="store_true", help="also train a zuko NSF (NPE) on the same summaries")
     args = ap.parse_args()
     cal, ev, prior_range = load(args.run, args.kind)
     res = {}
-    for name, (cols, boundary) in VARIANTS.items():
-        res[f"KDE {name}"] = kde_variant(cal, ev, cols, boundary, prior_range, args.bandwidth)
+    for name, (cols, boundary, bw, deg, het) in VARIANTS.items():
+        res[f"KDE {name}"] = kde_variant(cal, ev, cols, boundary, prior_range, bw, deg, het)
+    from clustermass.calibration import validate_conditioning
+
+    chosen, table = validate_conditioning(cal["d_pred"], cal["log_m_true"], cal[["z", "log_n_gal"]],
+                                          bandwidth=0.3, prior_range=prior_range)
+    res["validation (2-fold CV on the calibration split)"] = {"chosen": list(chosen), "table": table}
     if args.npe:
         for cols in (("d_pred", "z", "log_n_gal"),):
             res["NPE (zuko NSF) " + " + ".join(cols)] = npe_variant(cal, ev, cols, prior_range)
     print(f"run {args.run}, {args.kind}: {len(cal)} calibration pairs, {len(ev)} evaluation diagrams\n")
     print("| posterior | coverage 68 | coverage 95 | mean 68% width [dex] | worst tercile |cov68-0.683| "
-          "| worst tercile |P(true<median)-0.5| | time [s] |")
-    print("|---|---|---|---|---|---|---|")
+          "| worst tercile |P(true<median)-0.5| | out of range | time [s] |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, r in res.items():
+        if "chosen" in r:
+            continue
         print(f"| {name} | {r['coverage_68']:.3f} | {r['coverage_95']:.3f} | {r['width_68']:.3f} | "
-              f"{r['worst_tercile_cov68_dev']:.3f} | {r['worst_tercile_median_dev']:.3f} | {r['seconds']:.1f} |")
-    (args.run / "calibration_compare.json").write_text(json.dumps(res, indent=1, default=float)) \
-        if os_access(args.run) else None
+              f"{r['worst_tercile_cov68_dev']:.3f} | {r['worst_tercile_median_dev']:.3f} | "
+              f"{r.get('out_of_range', 0.0):.3f} | {r['seconds']:.1f} |")
+    v = res["validation (2-fold CV on the calibration split)"]
+    print(f"\nconditioning='auto' (2-fold CV on the calibration split) chooses {' + '.join(v['chosen'])}:")
+    for row in v["table"]:
+        print(f"  {' + '.join(row['conditioning'])}: coverage {row['coverage_68']:.3f}/{row['coverage_95']:.3f}, "
+              f"width {row['width_68']:.3f}, worst tercile dev {row['dev_tercile_coverage_68']:.3f} (68%), "
+              f"{row['dev_tercile_median']:.3f} (median), passed={row['passed']}")
+    if os_access(args.run):
+        (args.run / "calibration_compare.json").write_text(json.dumps(res, indent=1, default=float))
 
 
 def os_access(path: Path) -> bool:

@@ -11,6 +11,23 @@ covariance (ddof=1) of the pairs. Its slice at ``d`` is, in closed form, a Gauss
 With ``u_i = m_i - beta d_i`` every component mean is ``u_i + beta d``: in the coordinates
 ``(d, u = m - beta d)`` the kernel is diagonal, which the code uses throughout.
 
+Further conditioning variables, trend, prior edges, weights (issue 13)
+---------------------------------------------------------------------
+* ``x`` may be ``(d, z, log n_gal, ...)`` (k columns): the conditional of the (k+1)-D Gaussian
+  KDE is the same mixture with ``w_i(x) ∝ c_i N(x; x_i, S_xx)``, ``beta -> coef = S_xx^-1 S_xm``
+  and ``s^2 = S_mm - S_mx S_xx^-1 S_xm``. Windows are taken along the first whitened coordinate;
+  for k > 1 every posterior is evaluated exactly (no interpolation).
+* ``mean_degree=2``: the KDE is built on ``(x, r)``, ``r = (log M - mu(x)) / sigma(x)`` with
+  ``mu`` a quadratic least-squares trend and (``heteroscedastic``) ``sigma`` a quadratic model
+  of log |residual|; ``log M = shift(x) + sigma(x) u`` maps the u-grid tables to log M, so the
+  posterior stays an exact Gaussian mixture whose widths follow the local scatter.
+* ``prior_range=(a, b)``: every kernel is cut to ``a <= log M <= b`` and renormalised (its mass
+  inside, ``Z_i``, is computed from its log-M marginal), i.e. ``c_i = w_i / Z_i``; the conditional
+  is the untruncated mixture restricted to [a, b] and divided by ``H(b) - H(a)``: CDF, quantiles
+  and mean stay closed-form (differences of normal CDFs), quantiles never leave the support.
+* ``weights`` (importance weights ``w_i``, mean 1) multiply the kernels: a different mass
+  prior (``prior_target(m_i) / prior_train(m_i)``, :mod:`clustermass.calibration`).
+
 Exactness and speed
 -------------------
 * Only components with ``|d - d_i| <= window * sigma_d`` enter (``d_i`` sorted, windows found by
