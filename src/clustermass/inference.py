@@ -104,7 +104,12 @@ def posterior_table(bundle, cat: Catalogue, rows=None, info: pd.DataFrame | None
     """
     from .calibration import cluster_conditions
 
-    cal = calibration if calibration is not None else bundle.calibrated()  # BundleError if none
+    if calibration is not None:
+        cal = calibration
+    elif hasattr(bundle, "calibrated"):
+        cal = bundle.calibrated()  # BundleError if none
+    else:  # an object with only posterior() (a bare posterior conditioned on d_pred, flat prior)
+        cal = _PosteriorOnly(bundle.posterior())
     if prior != cal.prior:
         cal = cal.with_prior(prior)
     window = window if window is not None else bundle.window
@@ -151,6 +156,24 @@ def posterior_table(bundle, cat: Catalogue, rows=None, info: pd.DataFrame | None
     rest = [c for c in info.columns if c not in first and c not in flags.columns]
     parts.append(info[rest])
     return pd.concat(parts, axis=1)
+
+
+class _PosteriorOnly:
+    """A posterior conditioned on ``d_pred`` alone, flat prior, in the Calibration interface."""
+
+    prior = "flat"
+    conditioning = ("d_pred",)
+
+    def __init__(self, posterior) -> None:
+        self.posterior = posterior
+
+    def with_prior(self, prior):
+        raise ClustermassError(f"this posterior has only the flat prior, not {prior!r}")
+
+    def summarize(self, d_pred, conditions=None) -> pd.DataFrame:
+        out = self.posterior.summarize(np.asarray(d_pred, float)).reset_index(drop=True)
+        out["conditioned_on"] = "d_pred"
+        return out
 
 
 def flag_summary(table: pd.DataFrame) -> dict[str, int]:
