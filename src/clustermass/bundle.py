@@ -172,8 +172,16 @@ class ModelBundle:
         from .calibration import CALIBRATION_JSON, Calibration, CalibrationError
 
         if self._calibration is None and self.path is not None:
-            legacy = self.meta.get("calibration") if not (self.path / CALIBRATION_JSON).is_file() else None
-            if (self.path / CALIBRATION_JSON).is_file() or legacy:
+            js = self.path / CALIBRATION_JSON
+            legacy = self.meta.get("calibration") if not js.is_file() else None
+            if js.is_file() and self.meta.get("integrity"):
+                try:
+                    made_for = json.loads(js.read_text()).get("model")
+                except (OSError, ValueError):
+                    made_for = None
+                if made_for is not None and made_for != self.meta["integrity"]:
+                    js = None  # a calibration of earlier weights (the bundle was retrained): stale
+            if (js is not None and js.is_file()) or legacy:
                 try:
                     self._calibration = Calibration.load(self.path, legacy=legacy)
                 except CalibrationError as exc:
