@@ -11,7 +11,6 @@ from scipy.stats import norm
 
 from clustermass import evaluation as ev
 from clustermass.errors import ClustermassError
-from clustermass.posterior import JointKDEPosterior
 
 SN, S0 = 0.04, 0.08
 
@@ -115,7 +114,11 @@ class FakeBundle:
     """predict = truth + N(0, noise) (seeded); calibrated on the test split like a real bundle."""
 
     def __init__(self, kind, noise, cat, seed):
-        from clustermass.calibration import cluster_conditions, fit_calibration, validate_conditioning
+        from clustermass.calibration import (
+            cluster_conditions,
+            fit_calibration,
+            validate_conditioning,
+        )
         from clustermass.config import WindowConfig
 
         self.kind, self.noise, self.seed, self.meta = kind, noise, seed, {}

@@ -734,7 +734,12 @@ def evaluate(
         raise ClustermassError(f"the catalogue has no clusters in split {split!r}")
     results: dict[str, pd.DataFrame] = {}
     posteriors: dict = {}
-    from .calibration import CalibrationError, cluster_conditions, fit_calibration, validate_conditioning
+    from .calibration import (
+        CalibrationError,
+        cluster_conditions,
+        fit_calibration,
+        validate_conditioning,
+    )
     from .inference import posterior_table
 
     keep = [*SUMMARY_COLUMNS, "out_of_range", "conditioned_on", "cond_z", "cond_log_n_gal"]

@@ -11,12 +11,9 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
-
 from ._io import write_json_atomic, write_text_atomic
 from .catalog import Catalogue, read_catalogue
 from .config import CalibrationConfig, RunConfig, dump_config
-from .errors import ClustermassError
 
 
 def _log(msg: str, progress: bool) -> None:

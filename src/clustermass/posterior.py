@@ -382,7 +382,7 @@ class JointKDEPosterior:
         """Quadratic polynomial features of standardised x: 1, x_j, x_j x_l (j <= l)."""
         z = (x - self.x_loc_) / self.x_scale_
         cols = [np.ones(z.shape[0])] + [z[:, j] for j in range(z.shape[1])]
-        cols += [z[:, j] * z[:, l] for j in range(z.shape[1]) for l in range(j, z.shape[1])]
+        cols += [z[:, j] * z[:, i] for j in range(z.shape[1]) for i in range(j, z.shape[1])]
         return np.column_stack(cols)
 
     def _mean(self, x: np.ndarray) -> np.ndarray:
