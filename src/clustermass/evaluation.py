@@ -13,7 +13,7 @@ Conventions (docs/design.md):
   :func:`clustermass.inference.posterior_table` (conditioning, prior edges, ``min_neighbours``).
 * per-group calibration (``groups`` of each model): coverage (68/95), P(true < median) and PIT
   uniformity per tercile of redshift, n_gal (log10 galaxies in the window) and network output,
-  and per 0.25-dex bin of true mass, with bootstrap errors
+  and per bin of true mass (6 equal bins over the evaluated range), with bootstrap errors
   (:func:`clustermass.diagnostics.group_calibration`).
 * coverage: fraction of clusters whose true mass lies inside the central 68.27% (``lo1..hi1``)
   and 95.45% (``lo2..hi2``) posterior intervals. ``max_coverage_deviation`` is the largest
@@ -322,9 +322,9 @@ def model_metrics(log_m_true, n_mem, summary: pd.DataFrame, posterior=None, rich
         cn = (summary["cond_log_n_gal"].to_numpy(float)[sel] if "cond_log_n_gal" in summary
               else np.full(sel.sum(), np.nan))
         tm = t[sel]
-        edges = np.arange(np.floor(tm.min() * 4) / 4, tm.max() + 0.25, 0.25)
+        edges = np.linspace(tm.min(), tm.max(), 7)  # 6 equal bins over the evaluated masses
         groups = group_calibration(cm["pit"], {"z": cz, "n_gal": cn, "d_pred": d_pred[sel]}, width, mass=tm,
-                                   mass_edges=edges if edges.size > 1 else None)
+                                   mass_edges=edges if np.ptp(tm) > 0 else None)
         out["groups"] = groups.to_dict(orient="records")
         terc = groups[groups["group"] != "log_m_true"]
         out["worst_group_coverage_68_deviation"] = float(np.nanmax(np.abs(terc["coverage_68"] - NOMINAL_68))) \
