@@ -11,7 +11,6 @@ from scipy.stats import norm
 
 from clustermass import evaluation as ev
 from clustermass.errors import ClustermassError
-from clustermass.posterior import JointKDEPosterior
 
 SN, S0 = 0.04, 0.08
 
@@ -112,21 +111,35 @@ def test_binned_statistics():
 
 # ---------------------------------------------------------------------- fake catalogue + bundles
 class FakeBundle:
-    """predict = truth + N(0, noise) (seeded); posterior calibrated on the test split."""
+    """predict = truth + N(0, noise) (seeded); calibrated on the test split like a real bundle."""
 
     def __init__(self, kind, noise, cat, seed):
-        self.kind, self.noise, self.seed, self.meta = kind, noise, seed, {"calibration": {"bandwidth": 0.2}}
-        rows = cat.rows("test")
-        self._post = JointKDEPosterior().fit(self.predict(cat, rows), cat.clusters["log_m200c"].to_numpy()[rows])
+        from clustermass.calibration import (
+            cluster_conditions,
+            fit_calibration,
+            validate_conditioning,
+        )
+        from clustermass.config import WindowConfig
 
-    def predict(self, catalogue, rows=None):
+        self.kind, self.noise, self.seed, self.meta = kind, noise, seed, {}
+        self.window = WindowConfig()
+        rows = cat.rows("test")
+        d, t = self.predict(cat, rows), cat.clusters["log_m200c"].to_numpy()[rows]
+        cond = cluster_conditions(cat, rows, self.window)
+        chosen, _ = validate_conditioning(d, t, cond)  # as calibrate(..., conditioning="auto")
+        self._cal = fit_calibration(d, t, cond, conditioning=chosen)
+
+    def predict(self, catalogue, rows=None, progress=False):
         rows = catalogue.rows() if rows is None else np.asarray(rows)
         t = catalogue.clusters["log_m200c"].to_numpy()[rows]
         rng = np.random.default_rng(self.seed + int(rows[0]))
         return t + rng.normal(0, self.noise, len(rows))
 
+    def calibrated(self, required=True):
+        return self._cal
+
     def posterior(self):
-        return self._post
+        return self._cal.posterior
 
 
 def test_evaluate_predictions_writes_metrics_and_figures(tmp_path, evrard_catalogue):
@@ -176,6 +189,14 @@ def test_evaluate_with_bundles_and_baselines(tmp_path, evrard_catalogue):
     assert m["models"]["cnn3d"]["eps_std"] < m["models"]["cnn1d"]["eps_std"]
     assert m["models"]["sigma_evrard"]["eps_std"] < 0.3
     assert m["eps_std"] == pytest.approx(0.08, rel=0.25)
+    # per-group calibration, with the same table builder for networks and baselines
+    for name in ("cnn3d", "sigma_evrard"):
+        groups = pd.DataFrame(m["models"][name]["groups"])
+        assert {"z", "n_gal", "d_pred", "log_m_true"} <= set(groups["group"])
+        assert (groups.loc[groups["n"] >= 10, "coverage_68_err"] > 0).all()
+    assert (tmp_path / "figures" / "group_calibration.png").is_file()
+    # these mocks all lie at one redshift: z cannot be conditioned on, and the check picks d_pred
+    assert post["conditioned_on"].eq("+".join(bundles["cnn3d"].calibrated().conditioning)).all()
     # the full coverage curve comes from the posterior's CDF (PIT) when it has one
     assert "CDF" in m["coverage_source"] and m["max_coverage_deviation"] < 0.15
     assert 0 <= m["tarp_max_deviation"] < 0.2 and 0 <= m["pit_ks_pvalue"] <= 1

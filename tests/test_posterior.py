@@ -281,3 +281,24 @@ def test_figures(small, tmp_path):
     for name, fig in figs.items():
         out = save_figure(fig, tmp_path / f"{name}.png")
         assert out.stat().st_size > 5000
+
+
+def test_multivariate_conditional_matches_scipy_slice():
+    """k = 2 conditioning variables: the mixture is the exact slice of scipy's 3-D KDE."""
+    rng = np.random.default_rng(11)
+    m = rng.uniform(13.7, 15.2, 600)
+    z = rng.uniform(0.02, 0.1, 600)
+    d = m + 1.5 * (0.06 - z) + rng.normal(0, 0.05 + z, 600)
+    post = JointKDEPosterior(bandwidth=0.3).fit(np.column_stack([d, z]), m)
+    kde = gaussian_kde(np.vstack([d, z, m]), bw_method=0.3)
+    np.testing.assert_allclose(post.kernel_covariance_, kde.covariance, rtol=1e-12)
+    g = np.linspace(12.8, 16.2, 30_001)
+    for x in ([14.2, 0.03], [14.9, 0.09]):
+        y = kde(np.vstack([np.full_like(g, x[0]), np.full_like(g, x[1]), g]))
+        cdf = np.concatenate([[0.0], np.cumsum(0.5 * (y[1:] + y[:-1]) * np.diff(g))])
+        cdf /= cdf[-1]
+        row = post.summarize(np.array([x])).iloc[0]
+        for k, q in QUANTILES.items():
+            assert abs(row[k] - np.interp(q, cdf, g)) < 1e-4, k
+    with pytest.raises(CalibrationError):
+        post.summarize([14.0, 14.5])  # 1-D input to a 2-variable posterior

@@ -29,7 +29,9 @@ def test_run_pipeline_tiny(tmp_path):
         bundle = out / "models" / kind
         assert (bundle / "weights.safetensors").stat().st_size > 0
         meta = json.loads((bundle / "model.json").read_text())
-        assert meta["calibration"]["bandwidth"] == cfg.calibration.bandwidth
+        assert not meta.get("calibration")  # calibrating does not rewrite model.json (issue 13)
+        settings = json.loads((bundle / "calibration.json").read_text())
+        assert settings["bandwidth"] == cfg.calibration.bandwidth
         assert len(pd.read_parquet(bundle / "calibration.parquet")) > 0
 
     post = pd.read_parquet(out / "posteriors.parquet")

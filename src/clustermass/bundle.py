@@ -2,7 +2,10 @@
 
 A model bundle is a directory with ``weights.safetensors`` and ``model.json`` (architecture,
 preprocessing, target standardisation, training metadata, weights checksum), ``loss_curve.png``
-and, after SBI calibration, ``calibration.parquet``. :func:`load_model` never unpickles anything.
+and, after SBI calibration, ``calibration.parquet`` + ``calibration.json``
+(:mod:`clustermass.calibration`; ``model.json`` is not rewritten by calibrating). Bundles
+calibrated by older versions (settings in ``model.json``) still load. :func:`load_model` never
+unpickles anything.
 """
 
 from __future__ import annotations
@@ -86,8 +89,7 @@ class ModelBundle:
         self.kind, self.window, self.kde, self.network, self.meta = kind, window, kde, network, meta
         self.network.eval()
         self.path = Path(path) if path is not None else None
-        self._calibration: pd.DataFrame | None = None
-        self._posterior = None  # fitted JointKDEPosterior, cached until the calibration changes
+        self._calibration = None  # clustermass.calibration.Calibration, loaded lazily
 
     def __repr__(self) -> str:
         tr = self.meta.get("training", {})
@@ -147,22 +149,62 @@ class ModelBundle:
         self.meta["weights"] = {"file": WEIGHTS_FILE, "sha256": _sha256(directory / WEIGHTS_FILE),
                                 "keys": sorted(state)}
         self.meta["integrity"] = integrity_hash(self.meta)
-        cal = self.calibration
+        cal = self.calibrated(required=False)
         if cal is not None and (self.path is None or directory.resolve() != self.path.resolve()):
-            _write_calibration(directory / CALIBRATION_FILE, cal)
-        write_json_atomic(directory / META_FILE, self.meta)
+            cal.save(directory)
+        written = {k: v for k, v in self.meta.items()
+                   if not (k == "calibration" and isinstance(v, dict) and v.get("format"))}
+        write_json_atomic(directory / META_FILE, written)  # calibration settings live in calibration.json
         self.path = directory
         return directory
 
     @property
     def calibration(self) -> pd.DataFrame | None:
-        """The SBI calibration pairs (columns d_pred, log_m_true), or None before calibration."""
-        if self._calibration is None and self.meta.get("calibration") and self.path is not None:
-            self._calibration = _read_calibration(self.path / CALIBRATION_FILE)
+        """The SBI calibration pairs (``d_pred, z, log_n_gal, log_m_true``), or None before calibration."""
+        cal = self.calibrated(required=False)
+        return None if cal is None else cal.pairs
+
+    def calibrated(self, required: bool = True):
+        """The bundle's :class:`~clustermass.calibration.Calibration` (read once from
+        ``calibration.json`` + ``calibration.parquet``, or an old bundle's ``model.json``).
+
+        Raises BundleError when there is none and ``required`` (else returns None)."""
+        from .calibration import CALIBRATION_JSON, Calibration, CalibrationError
+
+        if self._calibration is None and self.path is not None:
+            js = self.path / CALIBRATION_JSON
+            legacy = self.meta.get("calibration") if not js.is_file() else None
+            if js.is_file() and self.meta.get("integrity"):
+                try:
+                    made_for = json.loads(js.read_text()).get("model")
+                except (OSError, ValueError):
+                    made_for = None
+                if made_for is not None and made_for != self.meta["integrity"]:
+                    js = None  # a calibration of earlier weights (the bundle was retrained): stale
+            if (js is not None and js.is_file()) or legacy:
+                try:
+                    self._calibration = Calibration.load(self.path, legacy=legacy)
+                except CalibrationError as exc:
+                    raise BundleError(str(exc)) from exc
+                self.meta["calibration"] = self._calibration.settings()
+        if self._calibration is None and required:
+            raise BundleError("this model bundle is not calibrated yet (run `clustermass calibrate`)")
         return self._calibration
 
-    def set_calibration(self, d_pred, log_m_true, bandwidth: float, min_neighbours: float = 5.0) -> None:
-        """Store the (prediction, true mass) pairs of the calibration split and the KDE settings.
+    def set_calibration_object(self, calibration) -> None:
+        """Attach a fitted Calibration and write it into the bundle directory (``calibration.parquet``
+        + ``calibration.json``; ``model.json`` is left as trained)."""
+        if self.path is None:
+            raise BundleError("save the bundle (bundle.save(dir)) before calibrating it")
+        calibration.save(self.path)
+        self._calibration = calibration
+        self.meta["calibration"] = calibration.settings()
+
+    def set_calibration(self, d_pred, log_m_true, bandwidth: float, min_neighbours: float = 5.0, *,
+                        conditions: pd.DataFrame | None = None, conditioning=("d_pred",),
+                        boundary: bool = True, mean_degree: int | None = None,
+                        heteroscedastic: bool | None = None) -> None:
+        """Fit and store a calibration from (prediction, true mass) pairs of the calibration split.
 
         The posterior is fitted first, so a calibration it would refuse is never written.
 
@@ -170,10 +212,14 @@ class ModelBundle:
         ----------
         d_pred : predicted log10 M200c of the calibration diagrams.
         log_m_true : their true log10 M200c.
-        bandwidth : scipy bw_method factor of the joint 2D KDE (SCIENCE.md sec. 6).
+        bandwidth : scipy bw_method factor of the joint KDE (SCIENCE.md sec. 6).
         min_neighbours : kernel weight of calibration pairs below which a prediction is out of range.
+        conditions : table with ``z`` and ``log_n_gal`` aligned with ``d_pred`` (for ``conditioning``).
+        conditioning : variables of the posterior (default ``d_pred`` only, as the paper).
+        boundary : cut the kernels to the training mass range (``training_data``) and renormalise.
+        mean_degree, heteroscedastic : trend model (default: 1/False for d_pred alone, else 2/True).
         """
-        from .posterior import JointKDEPosterior
+        from .calibration import CalibrationError, fit_calibration, prior_range_of
 
         if self.path is None:
             raise BundleError("save the bundle (bundle.save(dir)) before calibrating it")
@@ -183,44 +229,23 @@ class ModelBundle:
             raise ClustermassError(f"calibration needs matching arrays, got {len(d)} and {len(m)} values")
         if not (np.isfinite(d).all() and np.isfinite(m).all()):
             raise ClustermassError("calibration pairs must be finite (no NaN true masses)")
-        params = {"bandwidth": float(bandwidth), "min_neighbours": float(min_neighbours)}
-        posterior = JointKDEPosterior(**params).fit(d, m)  # raises on unusable calibrations
-        df = pd.DataFrame({"d_pred": d, "log_m_true": m})
-        _write_calibration(self.path / CALIBRATION_FILE, df)
-        self._calibration, self._posterior = df, posterior
-        self.meta["calibration"] = {"file": CALIBRATION_FILE, **params, "n_pairs": int(len(d))}
-        write_json_atomic(self.path / META_FILE, self.meta)
+        simple = tuple(conditioning) == ("d_pred",)
+        pr = prior_range_of(self) if boundary else None
+        if pr is not None:
+            pr = (min(pr[0], float(m.min())), max(pr[1], float(m.max())))
+        try:
+            cal = fit_calibration(d, m, conditions, conditioning=tuple(conditioning), bandwidth=float(bandwidth),
+                                  min_neighbours=float(min_neighbours), prior_range=pr,
+                                  mean_degree=(1 if simple else 2) if mean_degree is None else mean_degree,
+                                  heteroscedastic=(not simple) if heteroscedastic is None else heteroscedastic,
+                                  meta={"model": self.meta.get("integrity")})
+        except CalibrationError as exc:
+            raise ClustermassError(str(exc)) from exc
+        self.set_calibration_object(cal)
 
     def posterior(self):
-        """The SBI posterior ``JointKDEPosterior(bandwidth, min_neighbours).fit(d_pred, log_m_true)``, fitted once."""
-        from .posterior import JointKDEPosterior
-
-        if self._posterior is None:
-            cal = self.calibration
-            if cal is None:
-                raise BundleError("this model bundle is not calibrated yet (run `clustermass calibrate`)")
-            c = self.meta["calibration"]
-            self._posterior = JointKDEPosterior(c["bandwidth"], min_neighbours=c.get("min_neighbours", 5.0)).fit(
-                cal["d_pred"].to_numpy(), cal["log_m_true"].to_numpy())
-        return self._posterior
-
-
-def _write_calibration(path: Path, df: pd.DataFrame) -> None:
-    from .catalog import write_parquet
-
-    write_parquet(df[["d_pred", "log_m_true"]].reset_index(drop=True), path)
-
-
-def _read_calibration(path: Path) -> pd.DataFrame:
-    if not path.is_file():
-        raise BundleError(f"model.json records a calibration but {path} is missing")
-    try:
-        df = pd.read_parquet(path)
-    except Exception as exc:
-        raise BundleError(f"cannot read {path}: {exc}") from exc
-    if not {"d_pred", "log_m_true"} <= set(df.columns):
-        raise BundleError(f"{path} must have columns d_pred and log_m_true")
-    return df[["d_pred", "log_m_true"]]
+        """The fitted SBI posterior (:class:`~clustermass.posterior.JointKDEPosterior`) of the calibration."""
+        return self.calibrated().posterior
 
 
 def load_model(directory: str | Path) -> ModelBundle:
@@ -298,6 +323,5 @@ def load_model(directory: str | Path) -> ModelBundle:
         if not math.isclose(float(state[f"target_{name}"]), float(target[name]), rel_tol=1e-6, abs_tol=1e-6):
             raise BundleError(f"{w_path}: target_{name} differs from model.json (inconsistent bundle)")
     bundle = ModelBundle(kind, window, kde, network, meta, path=directory)
-    if meta.get("calibration"):
-        bundle._calibration = _read_calibration(directory / CALIBRATION_FILE)
+    bundle.calibrated(required=False)  # reads calibration.json (or an old model.json's settings)
     return bundle

@@ -29,6 +29,7 @@ Preset = Annotated[str, typer.Option(help="configuration preset: quick, paper, a
 ConfigFile = Annotated[Path | None, typer.Option("--config", help="YAML/TOML/JSON file overriding the preset")]
 Sets = Annotated[list[str] | None, typer.Option("--set", help="override, e.g. --set training.max_epochs=3 (repeatable)")]
 Seed = Annotated[int | None, typer.Option(min=0, help="random seed, a non-negative integer (default: the preset's, 0)")]
+PriorChoice = str  # "flat" or "mass-function" (checked by clustermass.calibration)
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars or log lines")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="replace an output made from other inputs or settings")]
 
@@ -123,23 +124,33 @@ def train(
 def calibrate(
     model: Annotated[Path, typer.Option(help="model bundle directory")],
     data: Annotated[Path, typer.Option(help="catalogue directory with a test split")],
-    bandwidth: Annotated[float | None, typer.Option(help="joint-KDE bandwidth factor (scipy bw_method; default: the preset's, 0.20)")] = None,
+    bandwidth: Annotated[float | None, typer.Option(help="joint-KDE bandwidth factor (scipy bw_method; default: the preset's, 0.30)")] = None,
     split: Annotated[str, typer.Option(help="split used for calibration")] = "test",
+    conditioning: Annotated[str | None, typer.Option(help="what the posterior conditions on: auto (default: "
+                                                          "cross-validated choice) or a comma list of d_pred, z, log_n_gal")] = None,
+    boundary: Annotated[bool | None, typer.Option("--boundary/--no-boundary", help="cut the kernels to the training mass range")] = None,
     preset: Preset = "quick",
     config: ConfigFile = None,
     set_: Sets = None,
     quiet: Quiet = False,
 ) -> None:
-    """Calibrate the SBI posterior: store (prediction, true mass) pairs of the test split in the bundle."""
+    """Calibrate the SBI posterior: store the calibration pairs of the test split (network output,
+    redshift, log n_gal, true mass) and the settings in the bundle (calibration.parquet/.json)."""
     from .bundle import load_model
     from .catalog import read_catalogue
     from .pipeline import calibrate_stage
 
-    cfg = _config(preset, config, set_, None, calibration__bandwidth=bandwidth)
+    cond = None
+    if conditioning is not None:
+        cond = "auto" if conditioning.strip() == "auto" else [c.strip() for c in conditioning.split(",") if c.strip()]
+    cfg = _config(preset, config, set_, None, calibration__bandwidth=bandwidth, calibration__conditioning=cond,
+                  calibration__boundary=boundary)
     bundle = load_model(model)
     cat = read_catalogue(data)
     calibrate_stage(bundle, cat, cfg.calibration, split=split, progress=not quiet)
-    typer.echo(f"calibration stored in {model} (settings in its model.json)")
+    cal = bundle.calibrated()
+    typer.echo(f"calibration stored in {model} (calibration.json): conditioning on "
+               f"{', '.join(cal.conditioning)}, {int(cal._used.sum())} pairs")
 
 
 @app.command()
@@ -197,17 +208,23 @@ def infer(
     authors_sdss: Annotated[Path | None, typer.Option(help="cluster list in the authors' public SDSS format (id, log M200c, error); --galaxies is then their galaxy file or folder")] = None,
     strict: Annotated[bool, typer.Option("--strict", help="refuse (exit 2) if any cluster lies outside the model's training range")] = False,
     plots: Annotated[bool, typer.Option(help="write a posterior figure per cluster")] = False,
+    prior: Annotated[PriorChoice, typer.Option(help="mass prior: flat (the training mocks') or mass-function "
+                                                    "(Tinker08 at each redshift: a survey's clusters)")] = "flat",
     preset: Preset = "quick",
     config: ConfigFile = None,
     set_: Sets = None,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> None:
-    """Posterior masses for a catalogue (--data) or for sky tables (--galaxies + --clusters)."""
+    """Posterior masses for a catalogue (--data) or for sky tables (--galaxies + --clusters).
+
+    --prior flat gives posteriors right for clusters drawn like the training mocks (flat in
+    log M); --prior mass-function gives posteriors right for a survey's clusters, which follow the
+    steep mass function (no Eddington bias at low mass). See docs/calibration.md."""
     from .inference import infer_authors_sdss, infer_catalogue, infer_sky_tables
 
     cfg = _config(preset, config, set_)
-    common = {"plots": plots, "progress": not quiet, "strict": strict, "overwrite": overwrite}
+    common = {"plots": plots, "progress": not quiet, "strict": strict, "overwrite": overwrite, "prior": prior}
     if authors_sdss is not None:
         if galaxies is None:
             raise ClustermassError("--authors-sdss needs --galaxies (their galaxy file or folder)")
@@ -258,6 +275,8 @@ def massfunction(
     distance_max: Annotated[float, typer.Option(help="maximum comoving distance [h^-1 Mpc]")] = 250.0,
     log_m_min: Annotated[float | None, typer.Option(help="completeness mass, marked on the figure")] = None,
     n_boot: Annotated[int, typer.Option(min=1, help="bootstrap resamples for the 1-sigma band")] = 200,
+    prior: Annotated[PriorChoice | None, typer.Option(help="mass prior the posteriors must have been inferred with "
+                                                           "(flat or mass-function; default: the table's)")] = None,
     preset: Preset = "quick",
     config: ConfigFile = None,
     set_: Sets = None,
@@ -269,7 +288,7 @@ def massfunction(
 
     cfg = _config(preset, config, set_, seed)
     summary = write_mass_function(read_table(posteriors), out, area, distance_max, log_m_min=log_m_min,
-                                  n_boot=n_boot, seed=cfg.seed)
+                                  n_boot=n_boot, seed=cfg.seed, prior=prior)
     _write_config(cfg, out)
     _echo_dict({k: v for k, v in summary.items() if not isinstance(v, dict | list)})
 

@@ -124,12 +124,25 @@ class TrainingConfig(_Section):
 
 
 class CalibrationConfig(_Section):
-    """SBI calibration: joint KDE of (prediction, true mass) on the test split (sec. 6)."""
+    """SBI calibration: joint KDE of (prediction, conditioning variables, true mass) on the test
+    split (sec. 6; docs/calibration.md)."""
 
-    bandwidth: float = Field(0.20, gt=0, description="scipy bw_method factor of the 2D joint KDE")
+    conditioning: Literal["auto"] | list[Literal["d_pred", "z", "log_n_gal"]] = Field(
+        "auto",
+        description="what the posterior conditions on: the network output d_pred (first), the cluster "
+                    "redshift z, log10 of the galaxies in the window; auto: the sharpest of "
+                    "[d_pred, z, log_n_gal], [d_pred, z], [d_pred] that passes a cross-validated "
+                    "calibration check on the calibration split (paper: [d_pred])")
+    bandwidth: float = Field(0.30, gt=0, description="scipy bw_method factor of the joint KDE (paper, "
+                                                      "d_pred only: 0.20)")
     min_neighbours: float = Field(
         5.0, gt=0, description="kernel weight of calibration pairs below which a prediction is out of range"
     )
+    mean_degree: Literal[1, 2] = Field(2, description="2: KDE of the residuals about a quadratic fit of log M "
+                                                      "on the conditioning variables (paper: 1)")
+    heteroscedastic: bool = Field(True, description="scale the residuals by a fitted local scatter "
+                                                    "(needs mean_degree 2; paper: false)")
+    boundary: bool = Field(True, description="cut the kernels to the prior mass range and renormalise")
 
 
 class EvaluationConfig(_Section):

@@ -21,6 +21,7 @@ __all__ = [
     "coverage_by_mass",
     "coverage_curve",
     "coverage_from_pit",
+    "group_calibration",
     "pit_values",
     "tarp_test",
 ]
@@ -35,11 +36,14 @@ class DiagnosticsError(ClustermassError, ValueError):
 
 
 def _pairs(d_obs, log_m_true) -> tuple[np.ndarray, np.ndarray]:
-    d = np.asarray(d_obs, dtype=float).ravel()
+    """Finite pairs; ``d_obs`` may be (n,) or (n, k) (conditioning variables of k-D posteriors)."""
+    d = np.asarray(d_obs, dtype=float)
+    d = d.ravel() if d.ndim < 2 or d.shape[1] == 1 else d
     m = np.asarray(log_m_true, dtype=float).ravel()
-    if d.shape != m.shape:
-        raise DiagnosticsError(f"d_obs ({d.size}) and log_m_true ({m.size}) differ in length")
-    ok = np.isfinite(d) & np.isfinite(m)
+    if d.shape[0] != m.shape[0]:
+        raise DiagnosticsError(f"d_obs ({d.shape[0]}) and log_m_true ({m.size}) differ in length")
+    # (n, k): a row needs its first value (d_pred); missing further ones are the posterior's business
+    ok = (np.isfinite(d) if d.ndim == 1 else np.isfinite(d[:, 0])) & np.isfinite(m)
     if not ok.any():
         raise DiagnosticsError("no finite evaluation pairs")
     return d[ok], m[ok]
@@ -222,3 +226,73 @@ def calibration_metrics(posterior, d_obs, log_m_true, levels=None, seed: int = 0
         "pit": pit,
         "tarp": tarp,
     }
+
+
+def group_calibration(pit, groups: dict, width=None, *, n_bins: int = 3, mass=None, mass_edges=None,
+                      n_boot: int = 200, seed: int = 0) -> pd.DataFrame:
+    """Calibration per group: coverage (68/95), P(true < median) and PIT uniformity per quantile
+    bin (terciles by default) of each grouping variable, and per bin of true mass.
+
+    Parameters
+    ----------
+    pit : array_like (n,)
+        Posterior CDF at the truth of each cluster (:func:`pit_values`).
+    groups : dict
+        Name -> values (n,) to split by (e.g. ``{"z": z, "n_gal": n_gal, "d_pred": d_pred}``);
+        non-finite values are left out of that grouping.
+    width : array_like (n,), optional
+        68% interval widths [dex]; adds ``width_68`` (mean per bin).
+    n_bins : int
+        Equal-count bins per variable (3: terciles).
+    mass, mass_edges : array_like, optional
+        True log masses and bin edges [dex]: adds one row per mass bin (group ``log_m_true``).
+    n_boot : int
+        Bootstrap resamples of each bin for the ``*_err`` columns (standard deviations).
+
+    Returns
+    -------
+    DataFrame
+        ``group, bin, lo, hi, n, coverage_68, coverage_68_err, coverage_95, coverage_95_err,
+        p_below_median, p_below_median_err, pit_ks_pvalue`` (+ ``width_68``).
+    """
+    pit = np.asarray(pit, dtype=float).ravel()
+    wid = None if width is None else np.asarray(width, dtype=float).ravel()
+    rng = np.random.default_rng(seed)
+    rows = []
+
+    def stats_of(p):
+        return (np.mean(np.abs(p - 0.5) <= NOMINAL_68 / 2), np.mean(np.abs(p - 0.5) <= NOMINAL_95 / 2),
+                np.mean(p < 0.5))
+
+    def add(name, b, lo, hi, sel):
+        p = pit[sel]
+        row = {"group": name, "bin": b, "lo": float(lo), "hi": float(hi), "n": int(p.size)}
+        if p.size:
+            c68, c95, pb = stats_of(p)
+            boot = np.array([stats_of(p[rng.integers(0, p.size, p.size)]) for _ in range(n_boot)]) if n_boot else None
+            err = boot.std(0, ddof=1) if boot is not None and n_boot > 1 else np.full(3, np.nan)
+            row.update(coverage_68=float(c68), coverage_68_err=float(err[0]), coverage_95=float(c95),
+                       coverage_95_err=float(err[1]), p_below_median=float(pb), p_below_median_err=float(err[2]),
+                       pit_ks_pvalue=float(stats.kstest(p, "uniform").pvalue) if p.size > 1 else np.nan)
+            if wid is not None:
+                row["width_68"] = float(np.nanmean(wid[sel]))
+        rows.append(row)
+
+    fin_pit = np.isfinite(pit)
+    for name, vals in groups.items():
+        v = np.asarray(vals, dtype=float).ravel()
+        ok = np.isfinite(v) & fin_pit
+        if ok.sum() < n_bins:
+            continue
+        edges = np.quantile(v[ok], np.linspace(0, 1, n_bins + 1))
+        k = np.clip(np.searchsorted(edges, v, side="right") - 1, 0, n_bins - 1)
+        for b in range(n_bins):
+            add(name, b, edges[b], edges[b + 1], ok & (k == b))
+    if mass is not None:
+        m = np.asarray(mass, dtype=float).ravel()
+        ok = np.isfinite(m) & fin_pit
+        edges = np.asarray(mass_edges, float) if mass_edges is not None else np.linspace(m[ok].min(), m[ok].max(), 7)
+        k = np.clip(np.searchsorted(edges, m, side="right") - 1, 0, edges.size - 2)
+        for b in range(edges.size - 1):
+            add("log_m_true", b, edges[b], edges[b + 1], ok & (k == b) & (m >= edges[0]) & (m <= edges[-1]))
+    return pd.DataFrame(rows)

@@ -8,6 +8,13 @@ Conventions (docs/design.md):
   ``eps_raw_*`` use the uncalibrated summary ``d_pred`` instead (the paper's point predictions;
   for the classical baselines ``d_pred`` is not an M200c estimate and ``eps_raw`` is only
   informative for the networks).
+* posteriors: every model (networks and classical baselines) goes through the same
+  :class:`clustermass.calibration.Calibration` and the one table builder
+  :func:`clustermass.inference.posterior_table` (conditioning, prior edges, ``min_neighbours``).
+* per-group calibration (``groups`` of each model): coverage (68/95), P(true < median) and PIT
+  uniformity per tercile of redshift, n_gal (log10 galaxies in the window) and network output,
+  and per bin of true mass (6 equal bins over the evaluated range), with bootstrap errors
+  (:func:`clustermass.diagnostics.group_calibration`).
 * coverage: fraction of clusters whose true mass lies inside the central 68.27% (``lo1..hi1``)
   and 95.45% (``lo2..hi2``) posterior intervals. ``max_coverage_deviation`` is the largest
   |coverage - level| over 101 levels in [0, 1] from the posterior CDF at the truth
@@ -37,7 +44,7 @@ import pandas as pd
 from ._io import write_json_atomic
 from .diagnostics import NOMINAL_68, NOMINAL_95
 from .errors import ClustermassError
-from .posterior import SUMMARY_COLUMNS, JointKDEPosterior
+from .posterior import SUMMARY_COLUMNS
 
 log = logging.getLogger(__name__)
 
@@ -246,7 +253,8 @@ def fit_richness_scatter(resid, n_mem, method: str = "ml", n_bins: int = 8) -> d
 
 
 # ---------------------------------------------------------------------- per-model metrics
-def model_metrics(log_m_true, n_mem, summary: pd.DataFrame, posterior=None, richness_method: str = "ml") -> dict:
+def model_metrics(log_m_true, n_mem, summary: pd.DataFrame, posterior=None, richness_method: str = "ml",
+                  features=None) -> dict:
     """Metrics of one model on one split (see the module docstring for the definitions).
 
     Parameters
@@ -258,11 +266,14 @@ def model_metrics(log_m_true, n_mem, summary: pd.DataFrame, posterior=None, rich
     summary : DataFrame
         Posterior summary aligned with ``log_m_true`` (``SUMMARY_COLUMNS``); rows with NaN
         ``log_m_median`` count as failures.
-    posterior : JointKDEPosterior, optional
-        When given, ``coverage_68/95``, ``max_coverage_deviation`` (over 101 levels),
+    posterior : Calibration or JointKDEPosterior, optional
+        Anything with ``cdf(features, log_m)``. When given, ``coverage_68/95``, ``max_coverage_deviation`` (over 101 levels),
         ``pit_ks_pvalue`` and ``tarp_max_deviation`` come from its CDF at the truth
         (:func:`clustermass.diagnostics.calibration_metrics`); without it the coverages come from
         the summary intervals and ``max_coverage_deviation`` is NaN.
+    features : array (n,) or (n, k), optional
+        What ``posterior`` conditions on, per row (default: ``summary.d_pred``); with a
+        posterior, ``groups`` (per-tercile calibration) is added.
 
     Returns
     -------
@@ -297,14 +308,29 @@ def model_metrics(log_m_true, n_mem, summary: pd.DataFrame, posterior=None, rich
     cov["max_coverage_deviation"] = np.nan  # all-level deviation needs the posterior CDF
     cov["coverage_source"] = "summary intervals (68/95 only)"
     sel = ok & np.isfinite(d_pred)
+    feats = d_pred if features is None else np.asarray(features, dtype=float)
     if posterior is not None and sel.any():
-        from .diagnostics import calibration_metrics
+        from .diagnostics import calibration_metrics, group_calibration
 
-        cm = calibration_metrics(posterior, d_pred[sel], t[sel])
+        cm = calibration_metrics(posterior, feats[sel], t[sel])
         keys = ("coverage_68", "coverage_95", "max_coverage_deviation", "pit_ks_pvalue", "tarp_max_deviation")
         cov.update({k: float(cm[k]) for k in keys})
         cov["coverage_source"] = "diagnostics.calibration_metrics (posterior CDF at the truth)"
         out["_diagnostics"] = {"mask": sel, "pit": cm["pit"], "tarp": cm["tarp"]}
+        width = (summary["log_m_hi1"].to_numpy(float) - summary["log_m_lo1"].to_numpy(float))[sel]
+        cz = summary["cond_z"].to_numpy(float)[sel] if "cond_z" in summary else np.full(sel.sum(), np.nan)
+        cn = (summary["cond_log_n_gal"].to_numpy(float)[sel] if "cond_log_n_gal" in summary
+              else np.full(sel.sum(), np.nan))
+        tm = t[sel]
+        edges = np.linspace(tm.min(), tm.max(), 7)  # 6 equal bins over the evaluated masses
+        groups = group_calibration(cm["pit"], {"z": cz, "n_gal": cn, "d_pred": d_pred[sel]}, width, mass=tm,
+                                   mass_edges=edges if np.ptp(tm) > 0 else None)
+        out["groups"] = groups.to_dict(orient="records")
+        terc = groups[groups["group"] != "log_m_true"]
+        out["worst_group_coverage_68_deviation"] = float(np.nanmax(np.abs(terc["coverage_68"] - NOMINAL_68))) \
+            if len(terc) else np.nan
+        out["worst_group_median_deviation"] = float(np.nanmax(np.abs(terc["p_below_median"] - 0.5))) \
+            if len(terc) else np.nan
     out.update(cov)
     pl_resid, a, b = power_law_residuals(t[ok], d_pred[ok])
     fit = fit_richness_scatter(pl_resid, np.asarray(n_mem, float)[ok], method=richness_method)
@@ -358,6 +384,13 @@ def contamination_summary(contam: pd.DataFrame, diagram_ids, eps) -> dict:
 
 
 # ---------------------------------------------------------------------- orchestration
+def _features(posterior, summary: pd.DataFrame):
+    """What ``posterior`` conditions on, per row of a posterior table (None: ``d_pred``)."""
+    if posterior is not None and hasattr(posterior, "features_of"):
+        return posterior.features_of(summary)
+    return None
+
+
 def evaluate_predictions(
     catalogue,
     rows,
@@ -413,7 +446,8 @@ def evaluate_predictions(
     n_mem = cl["n_mem"].to_numpy(float)
     posteriors = posteriors or {}
     models = {
-        name: model_metrics(t, n_mem, s.reset_index(drop=True), posteriors.get(name), richness_method)
+        name: model_metrics(t, n_mem, s.reset_index(drop=True), posteriors.get(name), richness_method,
+                            features=_features(posteriors.get(name), s.reset_index(drop=True)))
         for name, s in results.items()
     }
     # PIT/TARP arrays: reused by the figures, never written to metrics.json
@@ -489,7 +523,12 @@ def _make_figures(catalogue, rows, results, t, n_mem, primary, contamination, fi
             fig_dir / "contamination.png", label=primary))
     post = posteriors.get(primary)
     if post is not None:
-        _posterior_figures(post, s["d_pred"].to_numpy(float), t, fig_dir, _try, diag)
+        feats = _features(post, s.reset_index(drop=True))
+        _posterior_figures(post, s["d_pred"].to_numpy(float) if feats is None else feats, t, fig_dir, _try, diag)
+    groups = models.get(primary, {}).get("groups")
+    if groups:
+        _try("group_calibration", lambda: pe.plot_group_calibration(pd.DataFrame(groups),
+                                                                    fig_dir / "group_calibration.png", label=primary))
     return made
 
 
@@ -578,18 +617,22 @@ def _richness_figure_data(fits: dict, n_bins: int = 8):
 def _posterior_figures(post, d_pred, t, fig_dir, _try, diag=None) -> None:
     """SBI diagnostics of the primary model (paper Fig. 4, coverage, PIT, per-mass coverage, TARP).
 
-    ``diag``: ``model_metrics``' ``_diagnostics`` of this model (``mask`` of the pairs used,
-    their ``pit`` and ``tarp``), reused instead of recomputing; computed here if None.
+    ``post``: a Calibration (or JointKDEPosterior); ``d_pred``: what it conditions on per cluster,
+    (n,) or (n, k). ``diag``: ``model_metrics``' ``_diagnostics`` of this model (``mask`` of the
+    pairs used, their ``pit`` and ``tarp``), reused instead of recomputing; computed here if None.
     """
     from . import diagnostics as dg
     from ._io import save_figure
     from .plots import posterior as pp
 
-    ok = diag["mask"] if diag is not None else np.isfinite(d_pred) & np.isfinite(t)
-    d, m = d_pred[ok], t[ok]
+    x = np.asarray(d_pred, float)
+    first = x if x.ndim == 1 else x[:, 0]
+    ok = diag["mask"] if diag is not None else np.isfinite(first) & np.isfinite(t)
+    d, m = x[ok], t[ok]
     levels = np.linspace(0.0, 1.0, 101)
-    cal = post.to_frame()
-    _try("joint_pdf", lambda: save_figure(pp.plot_joint_pdf(post, cal["d_pred"].to_numpy(), cal["log_m_true"].to_numpy()),
+    joint = getattr(post, "marginal", post)  # Fig. 4 is the (d_pred, log M) plane
+    cal = joint.to_frame()
+    _try("joint_pdf", lambda: save_figure(pp.plot_joint_pdf(joint, cal["d_pred"].to_numpy(), cal["log_m_true"].to_numpy()),
                                           fig_dir / "joint_pdf.png"))
     if not len(d):
         return
@@ -603,29 +646,37 @@ def _posterior_figures(post, d_pred, t, fig_dir, _try, diag=None) -> None:
     _try("tarp", lambda: save_figure(pp.plot_tarp(tarp["alpha"], tarp["ecp"], n=len(d)), fig_dir / "tarp.png"))
     i = int(np.argmin(np.abs(m - np.median(m)))) if len(m) else None
     if i is not None:
+        xi = d[i]
+        one = getattr(post, "posterior", post)
+        if np.ndim(xi) and not np.isfinite(xi).all():
+            one, xi = joint, xi[0]
+        xo = xi if getattr(one, "n_cond_", 1) > 1 else float(np.atleast_1d(xi)[0])
         _try("example_posterior", lambda: save_figure(
-            pp.plot_single_posterior(post, float(d[i]), log_m_true=float(m[i]), label="example evaluation cluster"),
+            pp.plot_single_posterior(one, xo, log_m_true=float(m[i]), label="example evaluation cluster"),
             fig_dir / "example_posterior.png"))
 
 
-def calibrate_and_summarize(d_test, log_m_test, d_eval, bandwidth: float = 0.20):
-    """Fit a joint-KDE posterior on (d_test, log_m_test) and summarise ``d_eval``.
+def calibrate_and_summarize(d_test, log_m_test, d_eval, bandwidth: float = 0.20, **options):
+    """Calibrate an estimator on (d_test, log_m_test) and summarise ``d_eval`` (d_pred only).
 
     Non-finite ``d`` values are left out of the fit; non-finite ``d_eval`` get all-NaN summary
-    rows flagged ``out_of_range=True`` (as :meth:`JointKDEPosterior.summarize` does for any model).
+    rows flagged ``out_of_range=True`` (as for any model). ``options`` go to
+    :func:`clustermass.calibration.fit_calibration` (e.g. ``prior_range``). For estimators run on
+    a catalogue, :func:`evaluate` uses :func:`clustermass.inference.posterior_table` instead.
 
     Returns
     -------
-    (DataFrame, posterior)
+    (DataFrame, JointKDEPosterior)
     """
-    d_test, log_m_test, d_eval = (np.asarray(a, float) for a in (d_test, log_m_test, d_eval))
-    ok = np.isfinite(d_test) & np.isfinite(log_m_test)
-    if ok.sum() < 10:
-        raise ClustermassError(f"only {ok.sum()} calibration pairs with finite values (need >= 10)")
-    post = JointKDEPosterior(bandwidth=bandwidth).fit(d_test[ok], log_m_test[ok])
-    # NaN d_eval -> all-NaN row flagged out_of_range=True, as for the networks' summaries
-    summary = post.summarize(d_eval)
-    return summary, post
+    from .calibration import CalibrationError, fit_calibration
+
+    opts = {"conditioning": ("d_pred",), "mean_degree": 1, "heteroscedastic": False, **options}
+    try:
+        cal = fit_calibration(d_test, log_m_test, bandwidth=bandwidth, **opts)
+    except CalibrationError as exc:
+        raise ClustermassError(str(exc)) from exc
+    summary = cal.summarize(np.asarray(d_eval, float))
+    return summary[list(SUMMARY_COLUMNS) + ["out_of_range"]], cal.posterior
 
 
 def evaluate(
@@ -683,28 +734,53 @@ def evaluate(
         raise ClustermassError(f"the catalogue has no clusters in split {split!r}")
     results: dict[str, pd.DataFrame] = {}
     posteriors: dict = {}
+    from .calibration import (
+        CalibrationError,
+        cluster_conditions,
+        fit_calibration,
+        validate_conditioning,
+    )
+    from .inference import posterior_table
+
+    keep = [*SUMMARY_COLUMNS, "out_of_range", "conditioned_on", "cond_z", "cond_log_n_gal"]
     for name, bundle in tqdm(list(bundles.items()), desc="models", disable=not progress):
-        d = np.asarray(bundle.predict(catalogue, rows), dtype=float)
-        post = bundle.posterior()
-        results[name] = post.summarize(d).reset_index(drop=True)
-        posteriors[name] = post
+        table = posterior_table(bundle, catalogue, rows)
+        results[name] = table[keep].reset_index(drop=True)
+        posteriors[name] = bundle.calibrated()
     ref = bundles.get(primary) or (next(iter(bundles.values())) if bundles else None)
+    ref_cal = ref.calibrated(required=False) if ref is not None else None
     if calibration_bandwidth is None:
-        cal = (getattr(ref, "meta", None) or {}).get("calibration", {}) if ref is not None else {}
-        calibration_bandwidth = float(cal.get("bandwidth", 0.20)) if isinstance(cal, dict) else 0.20
+        calibration_bandwidth = ref_cal.bandwidth if ref_cal is not None else 0.30
     notes = []
+    window = getattr(ref, "window", None)
     if baselines:
         from .baselines import BASELINES, run_baselines
+        from .config import CalibrationConfig, WindowConfig
 
+        window = window or WindowConfig()
+        dflt = CalibrationConfig()
+        conditioning = ref_cal.conditioning if ref_cal else dflt.conditioning
+        opts = {"min_neighbours": ref_cal.min_neighbours if ref_cal else dflt.min_neighbours,
+                "prior_range": ref_cal.prior_range if ref_cal else None,
+                "mean_degree": ref_cal.mean_degree if ref_cal else dflt.mean_degree,
+                "heteroscedastic": ref_cal.heteroscedastic if ref_cal else dflt.heteroscedastic}
         cal_rows = catalogue.rows(calibration_split)
         raw = run_baselines(catalogue, np.concatenate([cal_rows, rows]), progress=progress)
         t_cal = catalogue.clusters["log_m200c"].to_numpy(float)[cal_rows]
+        cond_cal = cluster_conditions(catalogue, cal_rows, window)
         for name, col in BASELINES.items():
             v = raw[col].to_numpy(float)
-            try:
-                results[name], posteriors[name] = calibrate_and_summarize(
-                    v[: len(cal_rows)], t_cal, v[len(cal_rows):], calibration_bandwidth)
-            except ClustermassError as exc:
+            try:  # the same calibration and table builder as the networks
+                chosen = conditioning
+                if chosen == "auto":
+                    chosen, _ = validate_conditioning(v[: len(cal_rows)], t_cal, cond_cal,
+                                                      bandwidth=calibration_bandwidth, **opts)
+                cal = fit_calibration(v[: len(cal_rows)], t_cal, cond_cal, bandwidth=calibration_bandwidth,
+                                      conditioning=tuple(chosen), **opts)
+                table = posterior_table(None, catalogue, rows, calibration=cal, d_pred=v[len(cal_rows):],
+                                        window=window)
+                results[name], posteriors[name] = table[keep].reset_index(drop=True), cal
+            except (ClustermassError, CalibrationError) as exc:
                 notes.append(f"baseline {name} skipped: {exc}")
     if not results:
         raise ClustermassError("nothing to evaluate: no bundles and no baselines")
@@ -712,7 +788,6 @@ def evaluate(
         new = next(iter(results))
         notes.append(f"primary model {primary!r} absent; using {new!r}")
         primary = new
-    window = getattr(ref, "window", None)
     kde = getattr(ref, "kde", None)
     contam = catalogue_contamination(
         catalogue, rows, getattr(window, "r_max", None), getattr(window, "v_max", None))

@@ -66,7 +66,8 @@ def diagram_flags(cat: Catalogue, window, rows=None, training_data: dict | None 
 
 
 def posterior_table(bundle, cat: Catalogue, rows=None, info: pd.DataFrame | None = None,
-                    progress: bool = False) -> pd.DataFrame:
+                    progress: bool = False, prior: str = "flat", *, calibration=None, d_pred=None,
+                    window=None) -> pd.DataFrame:
     """The posterior of every diagram: the one builder of posterior tables (DESIGN.md columns).
 
     Parameters
@@ -80,6 +81,16 @@ def posterior_table(bundle, cat: Catalogue, rows=None, info: pd.DataFrame | None
     info : DataFrame, optional
         Per-row description aligned with ``rows`` (from the sky path: ``id, ra, dec, z`` and its
         flags); its flag columns are combined with :func:`diagram_flags`.
+    prior : {"flat", "mass-function"}
+        Mass prior of the posteriors (:mod:`clustermass.calibration`): ``flat`` is the training
+        prior (clusters drawn like the mocks), ``mass-function`` the Tinker08 mass function at
+        each calibration pair's redshift (a survey's clusters; removes the Eddington bias).
+    calibration : Calibration, optional
+        Used instead of the bundle's own (e.g. a classical estimator's); it gets ``prior``.
+    d_pred : array_like, optional
+        The estimator's outputs for ``rows`` (then ``bundle`` may be None and is not run).
+    window : WindowConfig, optional
+        Phase-space window for the flags and ``log_n_gal`` (default: the bundle's).
 
     Returns
     -------
@@ -91,9 +102,19 @@ def posterior_table(bundle, cat: Catalogue, rows=None, info: pd.DataFrame | None
         ``outside_window`` are not sent to the network: their posterior columns are NaN and
         ``out_of_range`` is True.
     """
-    post = bundle.posterior()  # raises BundleError when the bundle is not calibrated
+    from .calibration import cluster_conditions
+
+    if calibration is not None:
+        cal = calibration
+    elif hasattr(bundle, "calibrated"):
+        cal = bundle.calibrated()  # BundleError if none
+    else:  # an object with only posterior() (a bare posterior conditioned on d_pred, flat prior)
+        cal = _PosteriorOnly(bundle.posterior())
+    if prior != cal.prior:
+        cal = cal.with_prior(prior)
+    window = window if window is not None else bundle.window
     rows = cat.rows() if rows is None else np.asarray(rows)
-    flags = diagram_flags(cat, bundle.window, rows, training_range(bundle))
+    flags = diagram_flags(cat, window, rows, training_range(bundle))
     if info is None:
         info = pd.DataFrame({"diagram_id": cat.clusters["diagram_id"].to_numpy()[rows],
                              "n_gal": cat.clusters["n_gal"].to_numpy()[rows]})
@@ -107,11 +128,25 @@ def posterior_table(bundle, cat: Catalogue, rows=None, info: pd.DataFrame | None
     run = np.flatnonzero(~skip)
     table = pd.DataFrame(np.nan, index=range(len(rows)), columns=list(POSTERIOR_COLUMNS[:-1]))
     table["out_of_range"] = True
+    table["conditioned_on"] = ""
+    table["cond_z"] = np.nan
+    table["cond_log_n_gal"] = np.nan
     if len(run):
-        d = bundle.predict(cat, rows=rows[run], progress=progress)
-        summ = post.summarize(np.asarray(d)).reset_index(drop=True)
+        if d_pred is None:
+            d = bundle.predict(cat, rows=rows[run], progress=progress)
+        else:
+            d = np.asarray(d_pred, dtype=float).ravel()[run]
+        cond = cluster_conditions(cat, rows[run], window)
+        if "z" in info.columns:  # the sky path's cluster redshifts where the catalogue has none
+            zi = info["z"].to_numpy(dtype=float)[run]
+            cond["z"] = np.where(np.isfinite(cond["z"]), cond["z"], np.where(zi > 0, zi, np.nan))
+        summ = cal.summarize(np.asarray(d), cond).reset_index(drop=True)
         for col in POSTERIOR_COLUMNS:
             table.loc[run, col] = summ[col].to_numpy()
+        table.loc[run, "conditioned_on"] = summ["conditioned_on"].to_numpy()
+        table.loc[run, "cond_z"] = cond["z"].to_numpy()
+        table.loc[run, "cond_log_n_gal"] = cond["log_n_gal"].to_numpy()
+    table["prior"] = cal.prior
     table["out_of_range"] = table["out_of_range"].astype(bool)
     first = [c for c in ("id", "diagram_id", "ra", "dec", "z", "n_gal") if c in info.columns]
     parts = [info[first], table, flags]
@@ -121,6 +156,24 @@ def posterior_table(bundle, cat: Catalogue, rows=None, info: pd.DataFrame | None
     rest = [c for c in info.columns if c not in first and c not in flags.columns]
     parts.append(info[rest])
     return pd.concat(parts, axis=1)
+
+
+class _PosteriorOnly:
+    """A posterior conditioned on ``d_pred`` alone, flat prior, in the Calibration interface."""
+
+    prior = "flat"
+    conditioning = ("d_pred",)
+
+    def __init__(self, posterior) -> None:
+        self.posterior = posterior
+
+    def with_prior(self, prior):
+        raise ClustermassError(f"this posterior has only the flat prior, not {prior!r}")
+
+    def summarize(self, d_pred, conditions=None) -> pd.DataFrame:
+        out = self.posterior.summarize(np.asarray(d_pred, float)).reset_index(drop=True)
+        out["conditioned_on"] = "d_pred"
+        return out
 
 
 def flag_summary(table: pd.DataFrame) -> dict[str, int]:
@@ -170,17 +223,23 @@ def write_table(table: pd.DataFrame, path: str | Path) -> Path:
     return write_parquet(table, path)
 
 
-def _cluster_figures(post, table: pd.DataFrame, out: Path) -> None:
-    """One posterior figure per cluster with a prediction: ``out/figures/posterior_<id>.png``."""
+def _cluster_figures(cal, table: pd.DataFrame, out: Path) -> None:
+    """One posterior figure per cluster with a prediction: ``out/figures/posterior_<id>.png``.
+
+    ``cal``: the Calibration (with the prior) that made ``table``."""
     from ._io import save_figure
     from .plots.posterior import plot_single_posterior
 
     key = "id" if "id" in table.columns else "diagram_id"
-    for cid, d, truth in zip(table[key], table["d_pred"], table.get("log_m_true", [None] * len(table)),
-                             strict=True):
-        if not np.isfinite(d):
+    cond = pd.DataFrame({"z": table.get("cond_z", np.nan), "log_n_gal": table.get("cond_log_n_gal", np.nan)})
+    feats = cal.features(table["d_pred"].to_numpy(float), cond)
+    truths = table["log_m_true"] if "log_m_true" in table.columns else [None] * len(table)
+    for cid, x, truth in zip(table[key], feats, truths, strict=True):
+        if not np.isfinite(x[0]):
             continue
-        fig = plot_single_posterior(post, float(d), log_m_true=truth, label=f"cluster {cid}")
+        post = cal.posterior if np.isfinite(x).all() else cal.marginal
+        xo = x if post.n_cond_ > 1 else float(x[0])
+        fig = plot_single_posterior(post, xo, log_m_true=truth, label=f"cluster {cid}")
         save_figure(fig, out / "figures" / f"posterior_{cid}.png")
 
 
@@ -206,7 +265,8 @@ def _guard_posteriors(out, identity: dict, overwrite: bool) -> None:
     guard_output(out / "posteriors.parquet", existing, identity, overwrite, "posteriors")
 
 
-def _write_posteriors(bundle, table: pd.DataFrame, out, plots: bool, identity: dict, strict: bool) -> Path:
+def _write_posteriors(bundle, table: pd.DataFrame, out, plots: bool, identity: dict, strict: bool,
+                      prior: str = "flat") -> Path:
     """Report flags, then write ``out/posteriors.parquet``, ``out/inference.json`` and, on
     request, one posterior figure per cluster."""
     from ._io import write_json_atomic
@@ -215,27 +275,29 @@ def _write_posteriors(bundle, table: pd.DataFrame, out, plots: bool, identity: d
     out = Path(out)
     path = write_table(table, out / "posteriors.parquet")
     write_json_atomic(out / "inference.json", {"identity": identity, "n_clusters": len(table),
-                                               "flags": counts, "model_kind": bundle.kind})
+                                               "flags": counts, "model_kind": bundle.kind, "prior": prior})
     if plots:
-        _cluster_figures(bundle.posterior(), table, out)
+        cal = bundle.calibrated()
+        _cluster_figures(cal if cal.prior == prior else cal.with_prior(prior), table, out)
     return path
 
 
 def infer_catalogue(model: str | Path, data: str | Path, out: str | Path, plots: bool = False,
-                    progress: bool = True, strict: bool = False, overwrite: bool = False) -> Path:
+                    progress: bool = True, strict: bool = False, overwrite: bool = False,
+                    prior: str = "flat") -> Path:
     """Posteriors for every diagram of a catalogue directory -> ``out/posteriors.parquet``."""
     from .bundle import load_model
 
     bundle = load_model(model)
-    identity = _inference_identity(bundle, {"data": data})
+    identity = {**_inference_identity(bundle, {"data": data}), "prior": prior}
     _guard_posteriors(out, identity, overwrite)
     cat = read_catalogue(data)
-    table = posterior_table(bundle, cat, progress=progress)
-    return _write_posteriors(bundle, table, out, plots, identity, strict)
+    table = posterior_table(bundle, cat, progress=progress, prior=prior)
+    return _write_posteriors(bundle, table, out, plots, identity, strict, prior)
 
 
 def infer_sky_tables(model, galaxies, clusters, out, *, plots=False, progress=True, strict=False,
-                     overwrite=False, **column_options) -> Path:
+                     overwrite=False, prior: str = "flat", **column_options) -> Path:
     """Posteriors for clusters given on the sky (RA, Dec, z) with a survey galaxy table.
 
     ``column_options`` go to :func:`clustermass.sky.sky_to_catalogue` (``ra_col``,
@@ -245,26 +307,26 @@ def infer_sky_tables(model, galaxies, clusters, out, *, plots=False, progress=Tr
     from .sky import read_table
 
     bundle = load_model(model)
-    identity = _inference_identity(bundle, {"galaxies": galaxies, "clusters": clusters})
+    identity = {**_inference_identity(bundle, {"galaxies": galaxies, "clusters": clusters}), "prior": prior}
     _guard_posteriors(out, identity, overwrite)
     gal = read_table(galaxies)
     cl = read_table(clusters)
-    table = infer_sky(bundle, gal, cl, progress=progress, **column_options)
-    return _write_posteriors(bundle, table, out, plots, identity, strict)
+    table = infer_sky(bundle, gal, cl, progress=progress, prior=prior, **column_options)
+    return _write_posteriors(bundle, table, out, plots, identity, strict, prior)
 
 
 def infer_authors_sdss(model, cluster_list, galaxy_source, out, *, plots=False, progress=True,
-                       strict=False, overwrite=False) -> Path:
+                       strict=False, overwrite=False, prior: str = "flat") -> Path:
     """Posteriors for the authors' public SDSS input (cluster list + per-cluster x, y, v tables)."""
     from .bundle import load_model
     from .sky import read_authors_sdss
 
     bundle = load_model(model)
-    identity = _inference_identity(bundle, {"clusters": cluster_list, "galaxies": galaxy_source})
+    identity = {**_inference_identity(bundle, {"clusters": cluster_list, "galaxies": galaxy_source}), "prior": prior}
     _guard_posteriors(out, identity, overwrite)
     cat = read_authors_sdss(cluster_list, galaxy_source, window=bundle.window)
-    table = posterior_table(bundle, cat, progress=progress)
-    return _write_posteriors(bundle, table, out, plots, identity, strict)
+    table = posterior_table(bundle, cat, progress=progress, prior=prior)
+    return _write_posteriors(bundle, table, out, plots, identity, strict, prior)
 
 
 # ---------------------------------------------------------------------- sky inference
@@ -281,7 +343,8 @@ def training_range(bundle) -> dict:
     return out
 
 
-def infer_sky(bundle, galaxies, clusters, *, progress: bool = False, **column_options) -> pd.DataFrame:
+def infer_sky(bundle, galaxies, clusters, *, progress: bool = False, prior: str = "flat",
+              **column_options) -> pd.DataFrame:
     """Posterior masses of clusters given on the sky.
 
     Parameters
@@ -313,7 +376,7 @@ def infer_sky(bundle, galaxies, clusters, *, progress: bool = False, **column_op
     from .sky import sky_to_catalogue
 
     cat, info = sky_to_catalogue(galaxies, clusters, bundle.window, **opts)
-    return posterior_table(bundle, cat, info=info, progress=progress)
+    return posterior_table(bundle, cat, info=info, progress=progress, prior=prior)
 
 
 # ---------------------------------------------------------------------- comparison

@@ -178,12 +178,41 @@ def mass_function_from_posteriors(posteriors: pd.DataFrame, area_deg2: float, di
     return table
 
 
+def posterior_prior(posteriors: pd.DataFrame, prior: str | None = None) -> str:
+    """The mass prior a posterior table was inferred with (its ``prior`` column; tables without
+    one used the flat training prior), checked against ``prior`` when given.
+
+    A flat-prior table of a survey warns: the survey's clusters follow the steep mass function,
+    so their flat-prior posterior masses are biased high at low mass (Eddington bias); infer
+    with ``--prior mass-function`` instead (docs/calibration.md)."""
+    import warnings
+
+    if prior is not None and prior not in ("flat", "mass-function"):
+        raise ClustermassError(f"prior must be flat or mass-function, not {prior!r}")
+    used = sorted(set(posteriors["prior"].dropna().astype(str))) if "prior" in posteriors.columns else ["flat"]
+    used = used or ["flat"]
+    if len(used) > 1:
+        raise ClustermassError(f"the posterior table mixes priors {used}")
+    if prior is not None and used[0] != prior:
+        raise ClustermassError(f"the posteriors were inferred with the {used[0]!r} prior, not {prior!r}: run "
+                               f"`clustermass infer --prior {prior}` first")
+    if used[0] == "flat":
+        warnings.warn("posteriors use the flat training prior: for a survey's clusters (which follow the mass "
+                      "function) low-mass posteriors are biased high (Eddington bias); use "
+                      "`clustermass infer --prior mass-function`", UserWarning, stacklevel=2)
+    return used[0]
+
+
 def write_mass_function(posteriors: pd.DataFrame, out_dir, area_deg2: float, distance_max: float,
                         *, estimate: str = "log_m_map", n_boot: int = 200, seed: int = 0,
-                        log_m_min: float | None = None, exclude_flags: tuple[str, ...] = ()) -> dict:
+                        log_m_min: float | None = None, exclude_flags: tuple[str, ...] = (),
+                        prior: str | None = None) -> dict:
     """Write ``mass_function.parquet`` (or .csv), ``mass_function.json`` and the figure.
 
-    Returns the summary dict (volume, bandwidth, number of clusters, paths).
+    ``prior``: the mass prior the posteriors must have been inferred with (default: whatever
+    the table says; see :func:`posterior_prior`).
+
+    Returns the summary dict (volume, bandwidth, number of clusters, prior, paths).
     """
     from pathlib import Path
 
@@ -191,11 +220,12 @@ def write_mass_function(posteriors: pd.DataFrame, out_dir, area_deg2: float, dis
     from .plots.sky import plot_mass_function
 
     out_dir = Path(out_dir)
+    used_prior = posterior_prior(posteriors, prior)
     table = mass_function_from_posteriors(posteriors, area_deg2, distance_max, estimate=estimate,
                                           n_boot=n_boot, seed=seed, exclude_flags=exclude_flags,
                                           log_m_min=log_m_min)
     path = atomic_write(out_dir / "mass_function.csv", lambda p: table.to_csv(p, index=False))
     fig = save_figure(plot_mass_function(table, log_m_min=log_m_min), out_dir / "figures" / "mass_function.png")
-    summary = {**table.attrs, "table": str(path), "figure": str(fig)}
+    summary = {**table.attrs, "prior": used_prior, "table": str(path), "figure": str(fig)}
     write_json_atomic(out_dir / "mass_function.json", summary)
     return summary

@@ -11,12 +11,9 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
-
 from ._io import write_json_atomic, write_text_atomic
 from .catalog import Catalogue, read_catalogue
 from .config import CalibrationConfig, RunConfig, dump_config
-from .errors import ClustermassError
 
 
 def _log(msg: str, progress: bool) -> None:
@@ -74,15 +71,11 @@ def train_stage(cfg: RunConfig, cat: Catalogue, kind: str, out: Path, progress: 
 
 def calibrate_stage(bundle, cat: Catalogue, calibration: CalibrationConfig, split: str = "test",
                     progress: bool = True):
-    """SBI calibration: predict the ``split`` diagrams and store the (d_pred, log_m_true) pairs."""
-    rows = cat.rows(split)
-    if len(rows) < 10:
-        raise ClustermassError(f"calibration needs the '{split}' split; the catalogue has {len(rows)} such diagrams")
-    truth = cat.clusters["log_m200c"].to_numpy()[rows]
-    if not np.isfinite(truth).all():
-        raise ClustermassError(f"calibration needs true masses, but the '{split}' split has NaN log_m200c")
-    d_pred = bundle.predict(cat, rows=rows, progress=progress)
-    bundle.set_calibration(d_pred, truth, calibration.bandwidth, calibration.min_neighbours)
+    """SBI calibration (:func:`clustermass.calibration.calibrate`): predict the ``split`` diagrams and
+    store the calibration (pairs + conditioning columns + settings) in the bundle directory."""
+    from .calibration import calibrate
+
+    calibrate(bundle, cat, split=split, config=calibration, progress=progress)
     return bundle
 
 

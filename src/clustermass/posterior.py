@@ -11,6 +11,23 @@ covariance (ddof=1) of the pairs. Its slice at ``d`` is, in closed form, a Gauss
 With ``u_i = m_i - beta d_i`` every component mean is ``u_i + beta d``: in the coordinates
 ``(d, u = m - beta d)`` the kernel is diagonal, which the code uses throughout.
 
+Further conditioning variables, trend, prior edges, weights (issue 13)
+---------------------------------------------------------------------
+* ``x`` may be ``(d, z, log n_gal, ...)`` (k columns): the conditional of the (k+1)-D Gaussian
+  KDE is the same mixture with ``w_i(x) ∝ c_i N(x; x_i, S_xx)``, ``beta -> coef = S_xx^-1 S_xm``
+  and ``s^2 = S_mm - S_mx S_xx^-1 S_xm``. Windows are taken along the first whitened coordinate;
+  for k > 1 every posterior is evaluated exactly (no interpolation).
+* ``mean_degree=2``: the KDE is built on ``(x, r)``, ``r = (log M - mu(x)) / sigma(x)`` with
+  ``mu`` a quadratic least-squares trend and (``heteroscedastic``) ``sigma`` a quadratic model
+  of log |residual|; ``log M = shift(x) + sigma(x) u`` maps the u-grid tables to log M, so the
+  posterior stays an exact Gaussian mixture whose widths follow the local scatter.
+* ``prior_range=(a, b)``: every kernel is cut to ``a <= log M <= b`` and renormalised (its mass
+  inside, ``Z_i``, is computed from its log-M marginal), i.e. ``c_i = w_i / Z_i``; the conditional
+  is the untruncated mixture restricted to [a, b] and divided by ``H(b) - H(a)``: CDF, quantiles
+  and mean stay closed-form (differences of normal CDFs), quantiles never leave the support.
+* ``weights`` (importance weights ``w_i``, mean 1) multiply the kernels: a different mass
+  prior (``prior_target(m_i) / prior_train(m_i)``, :mod:`clustermass.calibration`).
+
 Exactness and speed
 -------------------
 * Only components with ``|d - d_i| <= window * sigma_d`` enter (``d_i`` sorted, windows found by
@@ -105,43 +122,71 @@ class CalibrationError(ClustermassError, ValueError):
 
 
 class JointKDEPosterior:
-    """Posterior P(log M | d_pred) from the joint Gaussian KDE of calibration pairs.
+    """Posterior P(log M | x) from the joint Gaussian KDE of calibration pairs ``(x_i, log M_i)``.
+
+    ``x`` is the network prediction ``d_pred`` alone (shape ``(n,)``) or ``d_pred`` with further
+    conditioning variables such as the redshift and log n_gal (shape ``(n, k)``).
 
     Parameters
     ----------
     bandwidth : float
-        scipy ``bw_method`` factor of the 2D KDE (kernel covariance = bandwidth^2 x sample
-        covariance of the pairs). Paper: 0.20.
+        scipy ``bw_method`` factor of the (k+1)-D KDE (kernel covariance = bandwidth^2 x sample
+        covariance of the pairs). Paper (k = 1): 0.20.
+    mean_degree : int
+        1: the plain Gaussian KDE of ``(x, log M)`` (its kernels carry the linear trend). 2: the
+        KDE of ``(x, r)`` with ``r = log M - mu(x)`` the residual about a quadratic least-squares
+        fit ``mu`` of log M on x; the posterior is still a Gaussian mixture in log M (component
+        means ``mu(x) + r_i + ...``), but the kernels need not follow a curved trend, so a wider
+        bandwidth can be used in k > 1 dimensions without bias.
+    heteroscedastic : bool
+        With ``mean_degree`` 2: also fit the residual scale ``sigma(x)`` (quadratic model of
+        log |r|) and build the KDE of ``(x, r / sigma(x))``; component i then has mean
+        ``mu(x) + sigma(x) (u_i + coef . x)`` and width ``sigma(x) sigma_u`` (posterior widths follow
+        the local scatter, e.g. narrower for richer clusters). Still an exact Gaussian mixture.
+    target_bandwidth : float or None
+        When given, the kernel's conditional width in log M at fixed x (its residual about the
+        kernel's regression on x) uses this factor instead of ``bandwidth``; the kernel stays a
+        joint Gaussian with the same regression slope. None: scipy's kernel.
     min_neighbours : float
-        Smallest kernel weight of calibration pairs, ``n_eff(d)``, for ``d`` to count as
+        Smallest kernel weight of calibration pairs, ``n_eff(x)``, for ``x`` to count as
         covered by the calibration (see the module docstring).
     window : float
-        Components farther than ``window * sigma_d`` from ``d`` are dropped (bound in
-        ``truncation_bound_``).
+        Components farther than ``window`` kernel widths from ``x`` along the first whitened
+        coordinate are dropped (bound in ``truncation_bound_``).
     node_spacing : float
-        Spacing of the interpolation nodes in units of the kernel width ``sigma_d``.
+        Spacing of the interpolation nodes in units of the kernel width ``sigma_d`` (k = 1 only).
     interp_tol : float
         Largest accepted interpolation error at cell midpoints [dex].
+    prior_range : (float, float) or None
+        Support ``[log_m_min, log_m_max]`` of the prior of the calibration masses. When given,
+        every kernel is cut to it and renormalised in log M (boundary-corrected KDE), so that no
+        posterior mass leaks past the edges; quantiles, CDF and mean stay exact.
 
     Attributes
     ----------
+    n_cond_ : int
+        Number k of conditioning variables.
+    x_ : ndarray (N, k)
+        Conditioning values of the pairs, sorted along the first whitened coordinate.
     d_, log_m_ : ndarray
-        Calibration pairs sorted by ``d``.
+        First conditioning column (``d_pred``) and true masses, in the same order.
+    weights_ : ndarray (N,)
+        Importance weights of the pairs (mean 1).
     n_pairs_ : int
-    covariance_ : ndarray (2, 2)
-        Sample covariance of ``(d, log M)``; ``kernel_covariance_`` = bandwidth^2 x it.
+    covariance_ : ndarray (k+1, k+1)
+        Sample covariance of ``(x, log M)``; ``kernel_covariance_`` = bandwidth^2 x it.
+    coef_ : ndarray (k,)
+        Regression of log M on x within a kernel; component means are ``u_i + coef_ . x``.
     beta_, sigma_d_, sigma_u_ : float
-        Slope ``S_md/S_dd``, kernel width in d, conditional kernel width in log M [dex].
-    valid_intervals_ : ndarray (k, 2)
-        Intervals of ``d`` covered by the calibration.
+        ``coef_[0]``, kernel width in d, conditional kernel width in log M [dex].
+    valid_intervals_ : ndarray (k, 2) or None
+        Intervals of ``d`` covered by the calibration (k = 1; None for k > 1).
     truncation_bound_ : float
         Upper bound on the posterior mass dropped by the window truncation.
     ug_ : ndarray
-        Grid in u = log M - beta d on which the mixture tables are evaluated [dex].
+        Grid in u = log M - coef . x on which the mixture tables are evaluated [dex].
     interp_error_ : float
-        Largest midpoint error of the interpolated quantiles/mean [dex] over the cells that are
-        interpolated (cells failing ``interp_tol`` are computed exactly and do not count); NaN
-        until the first interpolated ``summarize``.
+        Largest midpoint error of the interpolated quantiles/mean [dex] (k = 1).
 
     Examples
     --------
@@ -166,27 +211,42 @@ class JointKDEPosterior:
         window: float = 8.0,
         node_spacing: float = 0.1,
         interp_tol: float = 1e-5,
+        prior_range: tuple[float, float] | None = None,
+        target_bandwidth: float | None = None,
+        mean_degree: int = 1,
+        heteroscedastic: bool = False,
     ) -> None:
         self.bandwidth = bandwidth
         self.min_neighbours = min_neighbours
         self.window = window
         self.node_spacing = node_spacing
         self.interp_tol = interp_tol
+        self.prior_range = None if prior_range is None else (float(prior_range[0]), float(prior_range[1]))
+        self.target_bandwidth = target_bandwidth
+        self.mean_degree = int(mean_degree)
+        self.heteroscedastic = bool(heteroscedastic)
 
     # ------------------------------------------------------------------ fitting
     def get_params(self) -> dict[str, Any]:
         """Hyperparameters as a dict (scikit-learn style)."""
-        return {k: getattr(self, k) for k in ("bandwidth", "min_neighbours", "window", "node_spacing", "interp_tol")}
+        keys = ("bandwidth", "min_neighbours", "window", "node_spacing", "interp_tol", "prior_range",
+                "target_bandwidth", "mean_degree", "heteroscedastic")
+        return {k: getattr(self, k) for k in keys}
 
-    def fit(self, d_pred, log_m_true) -> JointKDEPosterior:
+    def fit(self, d_pred, log_m_true, weights=None) -> JointKDEPosterior:
         """Fit the joint KDE to calibration pairs.
 
         Parameters
         ----------
-        d_pred : array_like (N,)
-            Network predictions of the calibration (test) split [log10 h^-1 Msun].
+        d_pred : array_like (N,) or (N, k)
+            Network predictions of the calibration (test) split [log10 h^-1 Msun], optionally
+            with further conditioning columns (redshift, log10 n_gal, ...).
         log_m_true : array_like (N,)
             True log10 M200c [h^-1 Msun] of the same diagrams.
+        weights : array_like (N,), optional
+            Importance weights of the pairs (e.g. ``prior_target(m) / prior_train(m)`` for another
+            mass prior). They weight the kernels; the kernel shape stays that of the unweighted
+            pairs.
 
         Returns
         -------
@@ -194,33 +254,102 @@ class JointKDEPosterior:
         """
         if not (self.bandwidth > 0 and self.min_neighbours > 0 and self.window > 2):
             raise CalibrationError("bandwidth and min_neighbours must be > 0 and window > 2")
-        d = np.asarray(d_pred, dtype=float).ravel()
+        x = np.asarray(d_pred, dtype=float)
+        if x.ndim == 1:
+            x = x[:, None]
+        if x.ndim != 2:
+            raise CalibrationError("d_pred must be 1-D (N,) or 2-D (N, k)")
         m = np.asarray(log_m_true, dtype=float).ravel()
-        if d.shape != m.shape:
-            raise CalibrationError(f"d_pred ({d.size}) and log_m_true ({m.size}) differ in length")
-        if d.size < 3:
-            raise CalibrationError(f"need at least 3 calibration pairs, got {d.size}")
-        if not (np.isfinite(d).all() and np.isfinite(m).all()):
+        if x.shape[0] != m.size:
+            raise CalibrationError(f"d_pred ({x.shape[0]}) and log_m_true ({m.size}) differ in length")
+        n, k = x.shape
+        if n < k + 2:
+            raise CalibrationError(f"need at least {k + 2} calibration pairs, got {n}")
+        if not (np.isfinite(x).all() and np.isfinite(m).all()):
             raise CalibrationError("calibration pairs contain NaN or infinite values")
-        cov = np.cov(np.vstack([d, m]))
+        if weights is None:
+            w = np.ones(n)
+        else:
+            w = np.asarray(weights, dtype=float).ravel()
+            if w.size != n or not (np.isfinite(w).all() and (w >= 0).all() and w.sum() > 0):
+                raise CalibrationError("weights must be one finite, non-negative value per pair (not all 0)")
+            w = w / w.mean()
+        if self.mean_degree not in (1, 2):
+            raise CalibrationError(f"mean_degree must be 1 or 2, not {self.mean_degree}")
+        self.x_loc_, self.x_scale_ = x.mean(0), x.std(0)
+        if not np.all(self.x_scale_ > 0):
+            raise CalibrationError("calibration pairs are degenerate (a conditioning column is constant)")
+        self.mean_coef_ = None
+        self.scale_coef_ = None
+        if self.heteroscedastic and self.mean_degree != 2:
+            raise CalibrationError("heteroscedastic needs mean_degree=2")
+        if self.mean_degree == 2:
+            feats = self._features(x)
+            self.mean_coef_ = np.linalg.lstsq(feats, m, rcond=None)[0]
+            if self.heteroscedastic:
+                r = np.abs(m - feats @ self.mean_coef_)
+                floor = max(float(np.median(r)) * 1e-3, 1e-12)
+                self.scale_coef_ = np.linalg.lstsq(feats, np.log(r + floor), rcond=None)[0]
+                self.scale_coef_[0] += 0.6352  # E log|N(0, 1)| = -0.6352: sigma, not E|r|
+                self._scale_clip = float(np.median(np.exp(feats @ self.scale_coef_)))
+        sm_raw = math.sqrt(self.bandwidth**2 * float(np.var(m, ddof=1)))  # m-width of a kernel
+        m_fit = (m - self._mean(x)) / self._scale(x)
+        cov = np.atleast_2d(np.cov(np.column_stack([x, m_fit]).T))
         kcov = self.bandwidth**2 * cov
-        s_dd, s_md, s_mm = kcov[0, 0], kcov[0, 1], kcov[1, 1]
-        cond = s_mm - s_md**2 / s_dd if s_dd > 0 else 0.0
-        if not (s_dd > 0 and s_mm > 0 and cond > 1e-12 * s_mm):
+        sxx, sxm, smm = kcov[:k, :k], kcov[:k, k], kcov[k, k]
+        try:
+            chol = np.linalg.cholesky(sxx)
+            coef = np.linalg.solve(sxx, sxm)
+        except np.linalg.LinAlgError:
+            raise CalibrationError("calibration pairs are degenerate (singular conditioning covariance)") from None
+        cond = smm - float(sxm @ coef)
+        if not (np.all(np.diag(sxx) > 0) and smm > 0 and cond > 1e-12 * smm):
             raise CalibrationError("calibration pairs are degenerate (zero or perfectly correlated variance)")
-        order = np.argsort(d, kind="stable")
-        self.d_ = d[order]
+        if self.target_bandwidth is not None:  # narrower kernel along log M at fixed x only
+            if not self.target_bandwidth > 0:
+                raise CalibrationError("target_bandwidth must be > 0")
+            cond *= (self.target_bandwidth / self.bandwidth) ** 2
+            smm = cond + float(sxm @ coef)
+            kcov = kcov.copy()
+            kcov[k, k] = smm
+        white = np.linalg.inv(chol)  # y = white @ x: kernel exp(-|y - y_i|^2 / 2)
+        if self.prior_range is not None:
+            a, b = self.prior_range
+            tol = 1e-6
+            if not a < b:
+                raise CalibrationError(f"prior_range must be increasing, got {self.prior_range}")
+            if m.min() < a - tol or m.max() > b + tol:
+                raise CalibrationError(f"calibration masses [{m.min():.3f}, {m.max():.3f}] exceed the prior range "
+                                       f"[{a}, {b}]")
+            sm = math.sqrt(smm) if self.mean_degree == 1 else sm_raw
+            zj = ndtr((b - m) / sm) - ndtr((a - m) / sm)  # mass of each kernel inside the support
+            c = w / np.maximum(zj, 1e-300)
+        else:
+            c = w
+        y = x @ white.T
+        order = np.argsort(y[:, 0], kind="stable")
+        self.n_cond_ = k
+        self.x_ = x[order]
+        self.y_ = y[order]
+        self.t_ = self.y_[:, 0].copy()
+        self.d_ = self.x_[:, 0].copy()
         self.log_m_ = m[order]
-        self.n_pairs_ = int(d.size)
+        self.weights_ = w[order]
+        self.c_ = c[order]
+        self.n_pairs_ = int(n)
         self.covariance_ = cov
         self.kernel_covariance_ = kcov
-        self.beta_ = float(s_md / s_dd)
-        self.sigma_d_ = float(math.sqrt(s_dd))
+        self.white_ = white
+        self.coef_ = coef
+        self.beta_ = float(coef[0])
+        self.sigma_d_ = float(math.sqrt(sxx[0, 0]))
         self.sigma_u_ = float(math.sqrt(cond))
-        self.u_ = self.log_m_ - self.beta_ * self.d_
-        self.d_range_ = (float(self.d_[0]), float(self.d_[-1]))
-        self.valid_intervals_ = self._find_valid_intervals()
-        tail = self.n_pairs_ * math.exp(-0.5 * self.window**2)
+        self.u_ = (self.log_m_ - self._shift(self.x_)) / self._scale(self.x_)
+        self.d_range_ = (float(self.d_.min()), float(self.d_.max()))
+        self.valid_intervals_ = self._find_valid_intervals() if k == 1 else None
+        if k > 1 and not (self._n_eff(self.x_) >= self.min_neighbours).any():
+            raise CalibrationError(f"no calibration pair is covered by min_neighbours={self.min_neighbours}")
+        tail = self.n_pairs_ * math.exp(-0.5 * self.window**2) * float(c.max() / c.min() if c.min() > 0 else np.inf)
         self.truncation_bound_ = float(tail / (self.min_neighbours - tail)) if tail < self.min_neighbours else 1.0
         self.ug_ = self._u_grid()
         self._nodes = None  # interpolation tables, built lazily by summarize
@@ -236,28 +365,70 @@ class JointKDEPosterior:
         return cls(**params).fit(frame["d_pred"].to_numpy(), frame["log_m_true"].to_numpy())
 
     def to_frame(self) -> pd.DataFrame:
-        """The calibration pairs as a table ``d_pred, log_m_true`` (sorted by d_pred)."""
+        """The calibration pairs as a table ``d_pred, log_m_true`` (sorted by d_pred when k = 1;
+        further conditioning columns are ``x1, x2, ...``)."""
         self._check_fitted()
-        return pd.DataFrame({"d_pred": self.d_, "log_m_true": self.log_m_})
+        cols = {"d_pred": self.d_}
+        for j in range(1, self.n_cond_):
+            cols[f"x{j}"] = self.x_[:, j]
+        cols["log_m_true"] = self.log_m_
+        return pd.DataFrame(cols)
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "d_"):
             raise CalibrationError("JointKDEPosterior is not fitted; call fit(d_pred, log_m_true) first")
 
+    def _features(self, x: np.ndarray) -> np.ndarray:
+        """Quadratic polynomial features of standardised x: 1, x_j, x_j x_l (j <= l)."""
+        z = (x - self.x_loc_) / self.x_scale_
+        cols = [np.ones(z.shape[0])] + [z[:, j] for j in range(z.shape[1])]
+        cols += [z[:, j] * z[:, i] for j in range(z.shape[1]) for i in range(j, z.shape[1])]
+        return np.column_stack(cols)
+
+    def _mean(self, x: np.ndarray) -> np.ndarray:
+        """The fitted trend mu(x) (0 for mean_degree 1)."""
+        if self.mean_coef_ is None:
+            return np.zeros(x.shape[0])
+        return self._features(x) @ self.mean_coef_
+
+    def _scale(self, x: np.ndarray) -> np.ndarray:
+        """The fitted residual scale sigma(x) (1 unless heteroscedastic), clipped to 0.1-10x its median."""
+        if self.scale_coef_ is None:
+            return np.ones(x.shape[0])
+        c = self._scale_clip
+        return np.clip(np.exp(self._features(x) @ self.scale_coef_), 0.1 * c, 10 * c)
+
+    def _shift(self, x: np.ndarray) -> np.ndarray:
+        """Component means are ``shift(x) + scale(x) u_i``: the trend plus the kernels' linear
+        regression (``log M = shift(x) + scale(x) u`` maps the u grid to log M)."""
+        return self._mean(x) + self._scale(x) * (x @ self.coef_)
+
+    def _as_x(self, d_obs) -> np.ndarray:
+        """Conditioning values as an (n, k) array."""
+        self._check_fitted()
+        x = np.asarray(d_obs, dtype=float)
+        if self.n_cond_ == 1:
+            return x.reshape(-1, 1)
+        if x.ndim != 2 or x.shape[1] != self.n_cond_:
+            raise CalibrationError(f"this posterior conditions on {self.n_cond_} variables: give an (n, "
+                                   f"{self.n_cond_}) array, not shape {x.shape}")
+        return x
+
     # ------------------------------------------------------------------ range handling
-    def _window(self, lo_d: float, hi_d: float) -> tuple[int, int]:
-        half = self.window * self.sigma_d_
+    def _window(self, lo_t: float, hi_t: float) -> tuple[int, int]:
         return (
-            int(np.searchsorted(self.d_, lo_d - half, "left")),
-            int(np.searchsorted(self.d_, hi_d + half, "right")),
+            int(np.searchsorted(self.t_, lo_t - self.window, "left")),
+            int(np.searchsorted(self.t_, hi_t + self.window, "right")),
         )
 
-    def _n_eff(self, d: np.ndarray) -> np.ndarray:
-        """Kernel weight of calibration pairs at ``d`` (peak-normalised kernels, windowed)."""
-        out = np.empty(d.size)
-        for idx, lo, hi in self._blocks(d):
-            z = (d[idx, None] - self.d_[None, lo:hi]) / self.sigma_d_
-            out[idx] = np.exp(-0.5 * z * z).sum(1)
+    def _n_eff(self, x: np.ndarray) -> np.ndarray:
+        """Kernel weight of calibration pairs at ``x`` (peak-normalised kernels, windowed)."""
+        x = x.reshape(-1, self.n_cond_)
+        out = np.empty(x.shape[0])
+        y = x @ self.white_.T
+        for idx, lo, hi in self._blocks(y[:, 0]):
+            r2 = _sqdist(y[idx], self.y_[lo:hi])
+            out[idx] = np.exp(-0.5 * r2).sum(1)
         return out
 
     def _find_valid_intervals(self) -> np.ndarray:
@@ -294,12 +465,22 @@ class JointKDEPosterior:
 
     def out_of_range(self, d_obs) -> np.ndarray:
         """Flags: True where ``d_obs`` is not covered by the calibration (module docstring)."""
-        d = np.asarray(d_obs, dtype=float).ravel()
-        return self._clamp(d)[1]
+        return self._clamp(self._as_x(d_obs))[1]
 
-    def _clamp(self, d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Nearest valid d and the out-of-range flag (NaN input: NaN output, flagged)."""
+    def _clamp(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Nearest valid x and the out-of-range flag (NaN input: NaN output, flagged).
+
+        k = 1: an uncovered d is moved to the nearest valid d. k > 1: x is kept (its posterior is
+        dominated by the nearest calibration pairs in the kernel metric) and flagged."""
         self._check_fitted()
+        fin = np.isfinite(x).all(1)
+        if self.n_cond_ > 1:
+            flag = ~fin
+            if fin.any():
+                flag[fin] = self._n_eff(x[fin]) < self.min_neighbours
+            xc = np.where(fin[:, None], x, np.nan)
+            return xc, flag
+        d = x[:, 0]
         iv = self.valid_intervals_
         starts, ends = iv[:, 0], iv[:, 1]
         k = np.searchsorted(starts, d, "right") - 1
@@ -312,50 +493,66 @@ class JointKDEPosterior:
         dc = np.where(inside, d, snap)
         flag = ~inside
         dc = np.where(np.isfinite(d), dc, np.nan)
-        return dc, flag | ~np.isfinite(d)
+        return dc[:, None], flag | ~np.isfinite(d)
 
-    def _blocks(self, d: np.ndarray):
-        """Yield (indices, lo, hi): blocks of d (in sorted order) and their component windows."""
-        order = np.argsort(d, kind="stable")
+    def _blocks(self, t: np.ndarray):
+        """Yield (indices, lo, hi): blocks of points (sorted by their first whitened coordinate
+        ``t``) and their component windows. A window with no component is widened to all."""
+        order = np.argsort(t, kind="stable")
         start = 0
-        n = d.size
+        n = t.size
         while start < n:
-            # grow the block while rows x window components stays below _BLOCK
-            lo, hi = self._window(d[order[start]], d[order[start]])
+            lo, hi = self._window(t[order[start]], t[order[start]])
             size = max(1, _BLOCK // max(hi - lo, 1))
             stop = min(n, start + size)
-            lo, hi = self._window(d[order[start]], d[order[stop - 1]])
+            lo, hi = self._window(t[order[start]], t[order[stop - 1]])
             while stop - start > 1 and (stop - start) * (hi - lo) > 2 * _BLOCK:
                 stop = start + (stop - start) // 2
-                lo, hi = self._window(d[order[start]], d[order[stop - 1]])
+                lo, hi = self._window(t[order[start]], t[order[stop - 1]])
+            if hi <= lo:
+                lo, hi = 0, self.n_pairs_
             yield order[start:stop], lo, hi
             start = stop
 
-    def _weights(self, d: np.ndarray, lo: int, hi: int) -> np.ndarray:
-        z = (d[:, None] - self.d_[None, lo:hi]) / self.sigma_d_
-        w = np.exp(-0.5 * z * z)
+    def _weights(self, x: np.ndarray, lo: int, hi: int) -> np.ndarray:
+        """Normalised component weights ``c_i N(x; x_i, S_xx)`` at the rows of ``x`` (n, k)."""
+        y = x @ self.white_.T
+        logw = -0.5 * _sqdist(y, self.y_[lo:hi]) + np.log(np.maximum(self.c_[None, lo:hi], 1e-300))
+        logw -= logw.max(1, keepdims=True)
+        w = np.exp(logw)
         w /= w.sum(1, keepdims=True)
         return w
 
+    def _bounds_u(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        """Prior support in u at each row of x, or None without a prior range."""
+        if self.prior_range is None:
+            return None
+        shift, scale = self._shift(x), self._scale(x)
+        return (self.prior_range[0] - shift) / scale, (self.prior_range[1] - shift) / scale
+
     # ------------------------------------------------------------------ grid tables
     def _u_grid(self) -> np.ndarray:
-        """Global grid in u = log M - beta d: spacing s/4 (wider only if that needs > 4096 points)."""
+        """Global grid in u = log M - coef . x: spacing s/4 (wider only if that needs > 4096 points)."""
         s = self.sigma_u_
         lo, hi = self.u_.min() - _GRID_SIGMAS * s, self.u_.max() + _GRID_SIGMAS * s
         step = max(s / 4.0, (hi - lo) / 4095.0)
         return lo + step * np.arange(int(np.ceil((hi - lo) / step)) + 1)
 
-    def _exact_tables(self, d: np.ndarray) -> np.ndarray:
-        """Exact mixture CDF, PDF, PDF' and PDF'' on the u grid, and the mean of u, at each d.
+    def _exact_tables(self, x: np.ndarray) -> np.ndarray:
+        """Exact mixture CDF, PDF, PDF' and PDF'' on the u grid, and the mean of u, at each x.
 
-        Returns an array (len(d), 4 G + 1): [F | f | f' | f'' | mean_u], densities in 1/dex.
+        With a prior range the tables are those of the truncated, renormalised mixture (the CDF
+        is below 0 / above 1 outside the support, where the quantile solver never looks).
+        Returns an array (len(x), 4 G + 1): [F | f | f' | f'' | mean_u], densities in 1/dex.
         """
+        x = x.reshape(-1, self.n_cond_)
         ug = self.ug_
         ng = ug.size
         s = self.sigma_u_
-        out = np.zeros((d.size, 4 * ng + 1))
-        for idx, lo, hi in self._blocks(d):
-            w = self._weights(d[idx], lo, hi)
+        out = np.zeros((x.shape[0], 4 * ng + 1))
+        t = (x @ self.white_.T)[:, 0]
+        for idx, lo, hi in self._blocks(t):
+            w = self._weights(x[idx], lo, hi)
             u = self.u_[lo:hi]
             c0 = int(np.searchsorted(ug, u.min() - _GRID_SIGMAS * s, "left"))
             c1 = int(np.searchsorted(ug, u.max() + _GRID_SIGMAS * s, "right"))
@@ -373,14 +570,27 @@ class JointKDEPosterior:
                 res[:, 2 * ng + j0 : 2 * ng + j1] = -(w @ zphi) / s
                 res[:, 3 * ng + j0 : 3 * ng + j1] = ((w @ (z * zphi)) - f) / (s * s)
             res[:, -1] = w @ u
+            bounds = self._bounds_u(x[idx])
+            if bounds is not None:
+                za = (bounds[0][:, None] - u[None, :]) / s
+                zb = (bounds[1][:, None] - u[None, :]) / s
+                pa, pb = ndtr(za), ndtr(zb)
+                ha, hb = (w * pa).sum(1), (w * pb).sum(1)
+                norm = np.maximum(hb - ha, 1e-300)
+                phia, phib = np.exp(-0.5 * za * za), np.exp(-0.5 * zb * zb)
+                mean = (w * (u[None, :] * (pb - pa) + s / _SQRT2PI * (phia - phib))).sum(1) / norm
+                res[:, :ng] -= ha[:, None]
+                res[:, :-1] /= norm[:, None]
+                res[:, -1] = mean
             out[idx] = res
         return out
 
     def _build_nodes(self) -> None:
-        """Tables on nodes spaced ``node_spacing * sigma_d`` over each valid interval, checked at
-        every cell midpoint against exact values; the spacing halves until the summaries agree
-        to ``interp_tol`` (at most 4 times). Cells still failing after that are marked for exact
-        evaluation (``_interp_tables``)."""
+        """Tables on nodes spaced ``node_spacing * sigma_d`` over each valid interval (k = 1),
+        checked at every cell midpoint against exact values; failing cells are split (their
+        midpoint becomes a node) and they and their neighbours rechecked, until the summaries
+        agree to ``interp_tol`` (at most 4 times). Cells still failing after that are marked
+        for exact evaluation (``_interp_tables``)."""
         tables = []
         worst = 0.0
         for a, b in self.valid_intervals_:
@@ -390,19 +600,29 @@ class JointKDEPosterior:
             n = max(int(np.ceil((b - a) / h)), 3) + 1
             nodes = np.linspace(a, b, n)
             vals = self._exact_tables(nodes)
+            check = np.arange(n - 1)  # cells whose midpoint is (re)checked
+            bad = np.zeros(n - 1, bool)
+            err = np.zeros(n - 1)
             for halvings in range(_MAX_HALVINGS + 1):
                 spline = CubicSpline(nodes, vals, axis=0)
-                mids = 0.5 * (nodes[1:] + nodes[:-1])
+                mids = 0.5 * (nodes[check] + nodes[check + 1])
                 exact_mid = self._exact_tables(mids)
-                err = _table_summary_errors(spline(mids), exact_mid, self.ug_)
-                bad = err > self.interp_tol
-                if not bad.any() or halvings == _MAX_HALVINGS:
+                e = _table_summary_errors(spline(mids), exact_mid, self.ug_)
+                err[check] = e
+                bad[check] = e > self.interp_tol
+                if not bad[check].any() or halvings == _MAX_HALVINGS:
                     break
-                merged = np.empty(2 * n - 1)
-                merged[0::2], merged[1::2] = nodes, mids
-                mv = np.empty((2 * n - 1, vals.shape[1]))
-                mv[0::2], mv[1::2] = vals, exact_mid
-                nodes, vals, n = merged, mv, 2 * n - 1
+                # split only the failing cells (their midpoints become nodes), then recheck the
+                # new cells and their neighbours (the spline is global, its changes local)
+                new_nodes = np.concatenate([nodes, mids[bad[check]]])
+                new_vals = np.concatenate([vals, exact_mid[bad[check]]])
+                order = np.argsort(new_nodes, kind="stable")
+                nodes, vals = new_nodes[order], new_vals[order]
+                inserted = np.searchsorted(nodes, mids[bad[check]])
+                near = np.unique(np.clip((inserted[:, None] + np.arange(-3, 3)[None, :]).ravel(), 0, nodes.size - 2))
+                check = near
+                err = np.zeros(nodes.size - 1)
+                bad = np.zeros(nodes.size - 1, bool)
             if (~bad).any():
                 worst = max(worst, float(err[~bad].max()))
             tables.append((a, b, spline, nodes, bad))
@@ -426,17 +646,19 @@ class JointKDEPosterior:
             out[~done] = self._exact_tables(d[~done])
         return out
 
-    def _summaries(self, d: np.ndarray, method: str) -> dict[str, np.ndarray]:
-        """Summaries at valid, finite d (method 'exact' or 'interpolate')."""
-        out = {k: np.empty(d.size) for k in _STATS}
+    def _summaries(self, x: np.ndarray, method: str) -> dict[str, np.ndarray]:
+        """Summaries at valid, finite x (n, k) (method 'exact' or 'interpolate')."""
+        out = {k: np.empty(x.shape[0]) for k in _STATS}
         chunk = max(1, _BLOCK // (4 * self.ug_.size + 1))
-        for i0 in range(0, d.size, chunk):
-            dc = d[i0 : i0 + chunk]
-            tab = self._exact_tables(dc) if method == "exact" else self._interp_tables(dc)
+        for i0 in range(0, x.shape[0], chunk):
+            xc = x[i0 : i0 + chunk]
+            tab = self._exact_tables(xc) if method == "exact" else self._interp_tables(xc[:, 0])
             res = _solve_tables(tab, self.ug_)
-            shift = self.beta_ * dc
+            shift, scale = self._shift(xc), self._scale(xc)
             for k in _STATS:
-                out[k][i0 : i0 + chunk] = res[k] + shift
+                out[k][i0 : i0 + chunk] = res[k] * scale + shift
+        if self.prior_range is not None:  # the truncated density peaks inside the support
+            out["log_m_map"] = np.clip(out["log_m_map"], *self.prior_range)
         return out
 
     # ------------------------------------------------------------------ public queries
@@ -445,46 +667,53 @@ class JointKDEPosterior:
 
         Parameters
         ----------
-        d_obs : array_like (n,)
-            Network predictions of the clusters to infer.
+        d_obs : array_like (n,) or (n, k)
+            Network predictions of the clusters to infer (with the other conditioning columns
+            when the posterior has k > 1).
         method : {"auto", "exact", "interpolate"}
             ``exact`` solves every posterior; ``interpolate`` uses the verified node tables
-            (module docstring); ``auto`` picks the cheaper.
+            (module docstring; k = 1 only); ``auto`` picks the cheaper.
 
         Returns
         -------
         DataFrame
-            ``d_pred`` (the input), ``log_m_map, log_m_median, log_m_mean, log_m_lo1, log_m_hi1,
-            log_m_lo2, log_m_hi2`` (quantiles 0.1587/0.8413 and 0.02275/0.97725), and
-            ``out_of_range`` (True: summaries are those at the nearest valid d). NaN input gives
-            NaN summaries, flagged out of range.
+            ``d_pred`` (the first input column), ``log_m_map, log_m_median, log_m_mean,
+            log_m_lo1, log_m_hi1, log_m_lo2, log_m_hi2`` (quantiles 0.1587/0.8413 and
+            0.02275/0.97725), and ``out_of_range`` (True: not covered by the calibration; for
+            k = 1 the summaries are those at the nearest valid d). NaN input gives NaN
+            summaries, flagged out of range.
         """
         self._check_fitted()
         if method not in ("auto", "exact", "interpolate"):
             raise CalibrationError(f"method must be auto, exact or interpolate, not {method!r}")
-        d_in = np.asarray(d_obs, dtype=float).ravel()
-        dc, flag = self._clamp(d_in)
-        fin = np.isfinite(dc)
-        uniq, inv = np.unique(dc[fin], return_inverse=True)
-        if method == "auto":
+        x_in = self._as_x(d_obs)
+        xc, flag = self._clamp(x_in)
+        fin = np.isfinite(xc).all(1)
+        uniq, inv = np.unique(xc[fin], axis=0, return_inverse=True)
+        inv = np.asarray(inv).ravel()
+        if self.n_cond_ > 1:
+            if method == "interpolate":
+                raise CalibrationError("method='interpolate' needs a posterior conditioned on d_pred alone")
+            method = "exact"
+        elif method == "auto":
             total = float(np.sum(self.valid_intervals_[:, 1] - self.valid_intervals_[:, 0]))
             n_nodes = 2 * (total / (self.node_spacing * self.sigma_d_) + 4 * len(self.valid_intervals_))
-            method = "interpolate" if self._nodes is not None or uniq.size > n_nodes else "exact"
+            method = "interpolate" if self._nodes is not None or uniq.shape[0] > n_nodes else "exact"
         vals = self._summaries(uniq, method)
-        frame = {"d_pred": d_in}
+        frame = {"d_pred": x_in[:, 0]}
         for k in SUMMARY_COLUMNS[1:]:
-            col = np.full(d_in.size, np.nan)
+            col = np.full(x_in.shape[0], np.nan)
             col[fin] = vals[k][inv]
             frame[k] = col
         frame["out_of_range"] = flag
         return pd.DataFrame(frame)
 
     def pdf(self, d_obs, log_m_grid) -> np.ndarray:
-        """Posterior density P(log M | d_obs) [1/dex] on a grid.
+        """Posterior density P(log M | x) [1/dex] on a grid.
 
         Parameters
         ----------
-        d_obs : array_like (n,)
+        d_obs : array_like (n,) or (n, k)
         log_m_grid : array_like (g,)
             log10 M200c values [h^-1 Msun].
 
@@ -492,50 +721,64 @@ class JointKDEPosterior:
         -------
         ndarray (n, g)
         """
-        d = np.asarray(d_obs, dtype=float).ravel()
+        x = self._as_x(d_obs)
         grid = np.asarray(log_m_grid, dtype=float).ravel()
-        return self._mixture_eval(d, np.broadcast_to(grid, (d.size, grid.size)), kind="pdf")
+        return self._mixture_eval(x, np.broadcast_to(grid, (x.shape[0], grid.size)), kind="pdf")
 
     def cdf(self, d_obs, log_m) -> np.ndarray:
-        """Posterior CDF P(log M <= log_m | d_obs).
+        """Posterior CDF P(log M <= log_m | x), exact (differences of normal CDFs).
 
         Parameters
         ----------
-        d_obs : array_like (n,)
-        log_m : array_like (n,) or (n, k)
-            One or k values per posterior [log10 h^-1 Msun].
+        d_obs : array_like (n,) or (n, k)
+        log_m : array_like (n,) or (n, j)
+            One or j values per posterior [log10 h^-1 Msun].
 
         Returns
         -------
         ndarray with the shape of ``log_m``
         """
-        d = np.asarray(d_obs, dtype=float).ravel()
+        x = self._as_x(d_obs)
         lm = np.asarray(log_m, dtype=float)
         two_d = lm.ndim == 2
         lm2 = lm if two_d else lm.reshape(-1, 1)
-        if lm2.shape[0] != d.size:
-            raise CalibrationError(f"log_m has {lm2.shape[0]} rows for {d.size} predictions")
-        out = self._mixture_eval(d, lm2, kind="cdf")
+        if lm2.shape[0] != x.shape[0]:
+            raise CalibrationError(f"log_m has {lm2.shape[0]} rows for {x.shape[0]} predictions")
+        out = self._mixture_eval(x, lm2, kind="cdf")
         return out if two_d else out[:, 0]
 
-    def _mixture_eval(self, d: np.ndarray, vals: np.ndarray, kind: str) -> np.ndarray:
-        dc, _ = self._clamp(d)
+    def _mixture_eval(self, x: np.ndarray, vals: np.ndarray, kind: str) -> np.ndarray:
+        xc, _ = self._clamp(x)
         out = np.full(vals.shape, np.nan)
-        fin = np.flatnonzero(np.isfinite(dc))
+        fin = np.flatnonzero(np.isfinite(xc).all(1))
         if fin.size == 0:
             return out
         s = self.sigma_u_
         g = max(vals.shape[1], 1)
-        for idx, lo, hi in self._blocks(dc[fin]):
+        t = (xc[fin] @ self.white_.T)[:, 0]
+        for idx, lo, hi in self._blocks(t):
             rows = fin[idx]
-            # keep rows x components x values within the block budget
-            step = max(1, _BLOCK // max((hi - lo) * g, 1))
+            step = max(1, _BLOCK // max((hi - lo) * (g + 2), 1))
             for j in range(0, rows.size, step):
                 r = rows[j : j + step]
-                w = self._weights(dc[r], lo, hi)
-                z = (vals[r][:, None, :] - self.beta_ * dc[r][:, None, None] - self.u_[None, lo:hi, None]) / s
-                f = np.exp(-0.5 * z * z) / (s * _SQRT2PI) if kind == "pdf" else ndtr(z)
-                out[r] = np.einsum("rm,rmg->rg", w, f)
+                w = self._weights(xc[r], lo, hi)
+                shift, scale = self._shift(xc[r]), self._scale(xc[r])
+                u = self.u_[None, lo:hi, None]
+                z = ((vals[r][:, None, :] - shift[:, None, None]) / scale[:, None, None] - u) / s
+                f = np.exp(-0.5 * z * z) / (s * _SQRT2PI * scale[:, None, None]) if kind == "pdf" else ndtr(z)
+                res = np.einsum("rm,rmg->rg", w, f)
+                if self.prior_range is not None:
+                    a, b = self.prior_range
+                    au, bu = (a - shift) / scale, (b - shift) / scale
+                    ha = (w * ndtr((au[:, None] - u[:, :, 0]) / s)).sum(1)[:, None]
+                    hb = (w * ndtr((bu[:, None] - u[:, :, 0]) / s)).sum(1)[:, None]
+                    norm = np.maximum(hb - ha, 1e-300)
+                    v = vals[r]
+                    if kind == "pdf":
+                        res = np.where((v >= a) & (v <= b), res / norm, 0.0)
+                    else:
+                        res = np.clip((res - ha) / norm, 0.0, 1.0)
+                out[r] = res
         return out
 
     def sample(self, d_obs, n: int, seed: int | None = 0) -> np.ndarray:
@@ -543,7 +786,7 @@ class JointKDEPosterior:
 
         Parameters
         ----------
-        d_obs : array_like (k,)
+        d_obs : array_like (j,) or (j, k)
         n : int
             Samples per posterior.
         seed : int or None
@@ -551,30 +794,49 @@ class JointKDEPosterior:
 
         Returns
         -------
-        ndarray (k, n)
+        ndarray (j, n)
         """
+        from scipy.special import ndtri
+
         if n < 0:
             raise CalibrationError(f"n must be >= 0, got {n}")
         rng = np.random.default_rng(seed)
-        d = np.asarray(d_obs, dtype=float).ravel()
-        dc, _ = self._clamp(d)
-        out = np.full((d.size, n), np.nan)
-        fin = np.flatnonzero(np.isfinite(dc))
-        for idx, lo, hi in self._blocks(dc[fin]):
+        x = self._as_x(d_obs)
+        xc, _ = self._clamp(x)
+        out = np.full((x.shape[0], n), np.nan)
+        fin = np.flatnonzero(np.isfinite(xc).all(1))
+        t = (xc[fin] @ self.white_.T)[:, 0]
+        s = self.sigma_u_
+        for idx, lo, hi in self._blocks(t):
             rows = fin[idx]
-            w = self._weights(dc[rows], lo, hi)
+            w = self._weights(xc[rows], lo, hi)
+            shift, scale = self._shift(xc[rows]), self._scale(xc[rows])
+            if self.prior_range is not None:  # component weights of the truncated mixture (u space)
+                a, b = self.prior_range
+                au, bu = ((a - shift) / scale)[:, None], ((b - shift) / scale)[:, None]
+                mu = self.u_[None, lo:hi]
+                w = w * (ndtr((bu - mu) / s) - ndtr((au - mu) / s))
             cum = np.cumsum(w, axis=1)
             cum /= cum[:, -1:]
-            b, m = cum.shape
-            offs = np.arange(b)[:, None]
-            r = rng.random((b, n)) + offs
-            comp = np.searchsorted((cum + offs).ravel(), r.ravel()).reshape(b, n) - offs * m
+            bsz, m = cum.shape
+            offs = np.arange(bsz)[:, None]
+            r = rng.random((bsz, n)) + offs
+            comp = np.searchsorted((cum + offs).ravel(), r.ravel()).reshape(bsz, n) - offs * m
             comp = np.clip(comp, 0, m - 1) + lo
-            out[rows] = self.u_[comp] + self.beta_ * dc[rows, None] + self.sigma_u_ * rng.standard_normal((b, n))
+            mu = self.u_[comp]
+            if self.prior_range is None:
+                uu = mu + s * rng.standard_normal((bsz, n))
+            else:
+                pa, pb = ndtr((au - mu) / s), ndtr((bu - mu) / s)
+                q = pa + (pb - pa) * rng.random((bsz, n))
+                uu = mu + s * ndtri(np.clip(q, 1e-300, 1 - 1e-16))
+            out[rows] = shift[:, None] + scale[:, None] * uu
+            if self.prior_range is not None:
+                out[rows] = np.clip(out[rows], a, b)
         return out
 
     def joint_pdf(self, d_grid, log_m_grid) -> np.ndarray:
-        """Joint KDE density P(d, log M) [1/dex^2] on a grid (for the paper's Fig. 4).
+        """Joint KDE density P(d, log M) [1/dex^2] on a grid (for the paper's Fig. 4; k = 1).
 
         Parameters
         ----------
@@ -583,23 +845,42 @@ class JointKDEPosterior:
 
         Returns
         -------
-        ndarray (a, b), unclamped (the full KDE, out-of-range included)
+        ndarray (a, b), unclamped (the full KDE, out-of-range included; with a prior range the
+        kernels are cut to it and renormalised)
         """
         self._check_fitted()
+        if self.n_cond_ != 1:
+            raise CalibrationError("joint_pdf is defined for a posterior conditioned on d_pred alone")
         dg = np.asarray(d_grid, dtype=float).ravel()
         mg = np.asarray(log_m_grid, dtype=float).ravel()
         out = np.zeros((dg.size, mg.size))
         s, sd = self.sigma_u_, self.sigma_d_
-        norm = 1.0 / (self.n_pairs_ * 2 * math.pi * s * sd)
-        for idx, lo, hi in self._blocks(dg):
+        cw = self.c_ / self.c_.sum()
+        norm = 1.0 / (2 * math.pi * s * sd)
+        for idx, lo, hi in self._blocks(dg / sd):
             step = max(1, _BLOCK // max((hi - lo) * mg.size, 1))
             for j in range(0, idx.size, step):
                 r = idx[j : j + step]
                 zd = (dg[r, None] - self.d_[None, lo:hi]) / sd
-                wd = np.exp(-0.5 * zd * zd)
-                zu = (mg[None, None, :] - self.beta_ * dg[r, None, None] - self.u_[None, lo:hi, None]) / s
-                out[r] = np.einsum("rm,rmg->rg", wd, np.exp(-0.5 * zu * zu)) * norm
+                wd = np.exp(-0.5 * zd * zd) * cw[None, lo:hi]
+                sc = self._scale(dg[r, None])[:, None, None]
+                zu = ((mg[None, None, :] - self._shift(dg[r, None])[:, None, None]) / sc - self.u_[None, lo:hi, None]) / s
+                out[r] = np.einsum("rm,rmg->rg", wd, np.exp(-0.5 * zu * zu) / sc) * norm
+        if self.prior_range is not None:
+            out[:, (mg < self.prior_range[0]) | (mg > self.prior_range[1])] = 0.0
         return out
+
+
+def _sqdist(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Squared Euclidean distances between the rows of a (n, k) and b (m, k)."""
+    if a.shape[1] == 1:
+        z = a[:, :1] - b[:, 0][None, :]
+        return z * z
+    r2 = np.zeros((a.shape[0], b.shape[0]))
+    for j in range(a.shape[1]):
+        z = a[:, j : j + 1] - b[:, j][None, :]
+        r2 += z * z
+    return r2
 
 
 # ---------------------------------------------------------------------- table solvers

@@ -228,3 +228,42 @@ def plot_contamination(log_m_true, eps, contamination, d_min, path, label: str =
     return save_figure(fig, path)
 
 
+
+
+def plot_group_calibration(groups, path, label: str = "cnn3d") -> Path:
+    """Calibration per group (:func:`clustermass.diagnostics.group_calibration`): 68%/95% coverage
+    and P(true < median) with bootstrap errors, per tercile of redshift, n_gal and network output
+    and per bin of true mass; nominal values dashed.
+
+    Parameters
+    ----------
+    groups : DataFrame
+        ``group, bin, lo, hi, n, coverage_68(_err), coverage_95(_err), p_below_median(_err)``.
+    path : path of the PNG.
+    label : model name for the title.
+    """
+    nominal_68, nominal_95 = 0.8413 - 0.1587, 0.97725 - 0.02275  # the posterior table's intervals
+    names = list(dict.fromkeys(groups["group"]))
+    fig, axes = subplots(1, 3, figsize=(13, 4.0))
+    for ax, (col, nominal, title) in zip(axes, (("coverage_68", nominal_68, "68% coverage"),
+                                                ("coverage_95", nominal_95, "95% coverage"),
+                                                ("p_below_median", 0.5, "P(true < median)")), strict=True):
+        x0 = 0
+        ticks, labels = [], []
+        for j, name in enumerate(names):
+            g = groups[groups["group"] == name]
+            xs = x0 + np.arange(len(g))
+            ax.errorbar(xs, g[col], yerr=g.get(f"{col}_err"), fmt="o", color=f"C{j}", ms=4, capsize=2,
+                        label=name)
+            ticks += list(xs)
+            labels += [f"{name}\n{lo:.3g}-{hi:.3g}" if name == "log_m_true" else f"{name} {b + 1}/{len(g)}"
+                       for b, lo, hi in zip(g["bin"], g["lo"], g["hi"], strict=True)]
+            x0 += len(g) + 1
+        ax.axhline(nominal, ls="--", c="k", lw=1)
+        ax.set_xticks(ticks)
+        ax.set_xticklabels(labels, rotation=90, fontsize=6)
+        ax.set_title(title)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"{label}: calibration per tercile and per mass bin (bootstrap 1-sigma errors)")
+    fig.tight_layout()
+    return save_figure(fig, path)

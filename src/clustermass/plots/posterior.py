@@ -74,14 +74,15 @@ def plot_joint_pdf(posterior, d_pred=None, log_m_true=None, n_grid: int = 120, m
     return fig
 
 
-def plot_single_posterior(posterior, d_obs: float, log_m_true: float | None = None, n_grid: int = 600, label: str | None = None) -> Figure:
+def plot_single_posterior(posterior, d_obs, log_m_true: float | None = None, n_grid: int = 600, label: str | None = None) -> Figure:
     """Posterior of one cluster: PDF, MAP, 1- and 2-sigma limits shaded, truth if known.
 
     Parameters
     ----------
     posterior : fitted JointKDEPosterior
-    d_obs : float
-        The cluster's network prediction.
+    d_obs : float or array_like (k,)
+        The cluster's network prediction (with its other conditioning values when the
+        posterior conditions on k > 1 variables: ``d_pred, z, log_n_gal``).
     log_m_true : float, optional
         True mass, drawn as a vertical line.
     n_grid : int
@@ -111,7 +112,8 @@ def plot_single_posterior(posterior, d_obs: float, log_m_true: float | None = No
     ax.set_xlabel(M_LABEL)
     ax.set_ylabel("posterior density [dex$^{-1}$]")
     flag = " (out of range: edge posterior)" if row.out_of_range else ""
-    ax.set_title(label or f"$\\tilde d$ = {d_obs:.3f}: "
+    d0 = float(np.atleast_1d(np.asarray(d_obs, dtype=float))[0])
+    ax.set_title(label or f"$\\tilde d$ = {d0:.3f}: "
                  f"${row.log_m_map:.2f}^{{+{row.log_m_hi1 - row.log_m_map:.2f}}}_{{-{row.log_m_map - row.log_m_lo1:.2f}}}$" + flag)
     ax.legend(fontsize=8)
     return fig
