@@ -43,6 +43,8 @@ _LAZY = {
     "load_model": "bundle",
     "ModelBundle": "bundle",
     "JointKDEPosterior": "posterior",
+    "calibrate": "calibration",
+    "Calibration": "calibration",
     "evaluate": "evaluation",
     "sky_to_catalogue": "sky",
     "infer_sky": "inference",
@@ -55,6 +57,8 @@ _LAZY = {
 __all__ = [
     "__version__",
     "build_report",
+    "calibrate",
+    "Calibration",
     "Catalogue",
     "ClustermassError",
     "diagram_grid",
@@ -94,6 +98,7 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # for type checkers and IDEs only; never executed
     from .bundle import ModelBundle, load_model
+    from .calibration import Calibration, calibrate
     from .catalog import Catalogue, read_catalogue, write_catalogue
     from .config import RunConfig, load_config
     from .datasets import PhaseSpaceDataset
