@@ -45,6 +45,22 @@ def test_run_pipeline_tiny(tmp_path):
     html = (out / "report.html").read_text()
     assert "<html" in html.lower() and "data:image/png;base64" in html
 
+    # the calibrated classical estimators are bundles too: `infer --model RUN/models/sigma_evrard`
+    from clustermass.bundle import BaselineBundle, load_model
+    from clustermass.catalog import read_catalogue
+    from clustermass.inference import posterior_table
+
+    for name in ("sigma_evrard", "virial"):
+        b = load_model(out / "models" / name)
+        assert isinstance(b, BaselineBundle) and b.kind == name
+    cat = read_catalogue(out / "catalogue")
+    rows = cat.rows("eval")
+    t = posterior_table(load_model(out / "models" / "sigma_evrard"), cat, rows)
+    ev = pd.read_parquet(out / "posteriors_sigma_evrard.parquet")
+    ok = t["log_m_median"].notna().to_numpy() & ev["log_m_median"].notna().to_numpy()
+    assert ok.sum() > 0.8 * len(rows)
+    assert abs(t["log_m_median"].to_numpy()[ok] - ev["log_m_median"].to_numpy()[ok]).max() < 1e-9
+
 
 @pytest.mark.slow
 def test_infer_paths_with_a_trained_bundle(tmp_path):

@@ -248,8 +248,9 @@ class ModelBundle:
         return self.calibrated().posterior
 
 
-def load_model(directory: str | Path) -> ModelBundle:
-    """Load a model bundle; never unpickles (JSON + safetensors only).
+def load_model(directory: str | Path) -> ModelBundle | BaselineBundle:
+    """Load a model bundle (or a calibrated classical estimator's); never unpickles (JSON +
+    safetensors only).
 
     Raises
     ------
@@ -270,6 +271,8 @@ def load_model(directory: str | Path) -> ModelBundle:
         meta = json.loads(meta_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BundleError(f"{meta_path} is not valid JSON: {exc}") from exc
+    if isinstance(meta, dict) and meta.get("format") == BASELINE_FORMAT:
+        return _load_baseline(directory, meta)
     if not isinstance(meta, dict) or meta.get("format") != BUNDLE_FORMAT:
         raise BundleError(f"{meta_path} is not a clustermass model description (format != {BUNDLE_FORMAT!r})")
     if meta.get("format_version", 0) > BUNDLE_VERSION:
@@ -324,4 +327,85 @@ def load_model(directory: str | Path) -> ModelBundle:
             raise BundleError(f"{w_path}: target_{name} differs from model.json (inconsistent bundle)")
     bundle = ModelBundle(kind, window, kde, network, meta, path=directory)
     bundle.calibrated(required=False)  # reads calibration.json (or an old model.json's settings)
+    return bundle
+
+
+# ---------------------------------------------------------------------- classical estimators
+BASELINE_FORMAT = "clustermass-baseline"
+
+
+class BaselineBundle:
+    """A calibrated classical estimator, usable wherever a network bundle is (``infer``).
+
+    ``kind`` is ``sigma_evrard`` (shifting-gapper + biweight velocity dispersion through the
+    Evrard et al. 2008 relation) or ``virial`` (the projected virial estimator), from
+    :mod:`clustermass.baselines`; ``evaluate`` writes one per estimator into ``OUT/models/<kind>``
+    with the calibration it fitted on the test split, so users can compare them with the network
+    on their own data: ``clustermass infer --model runs/quick/models/sigma_evrard ...``.
+    The directory holds ``model.json`` (kind, window, training range, integrity hash) and the
+    calibration (``calibration.parquet`` + ``calibration.json``); nothing executable.
+    """
+
+    def __init__(self, kind: str, window: WindowConfig, meta: dict, path: str | Path | None = None) -> None:
+        from .baselines import BASELINES
+
+        if kind not in BASELINES:
+            raise BundleError(f"unknown classical estimator {kind!r}; one of {', '.join(BASELINES)}")
+        self.kind, self.window, self.meta = kind, window, meta
+        self.path = Path(path) if path is not None else None
+        self._calibration = None
+
+    def __repr__(self) -> str:
+        return f"BaselineBundle(kind={self.kind!r}, path={str(self.path) if self.path else None!r})"
+
+    def predict(self, catalogue: Catalogue, rows=None, progress: bool = False, **_) -> np.ndarray:
+        """The estimator's log10 M200c [h^-1 Msun] for each diagram (NaN where it fails)."""
+        from .baselines import BASELINES, run_baselines
+
+        rows = catalogue.rows() if rows is None else np.asarray(rows)
+        raw = run_baselines(catalogue, rows, progress=progress)
+        return raw[BASELINES[self.kind]].to_numpy(dtype=np.float64)
+
+    @classmethod
+    def write(cls, kind: str, window: WindowConfig, calibration, directory, training_data: dict | None = None):
+        """Write a calibrated estimator's bundle into ``directory``; returns it."""
+        directory = Path(directory)
+        meta = {"format": BASELINE_FORMAT, "format_version": 1, "kind": kind,
+                "preprocessing": {"window": window.model_dump(mode="json")},
+                "training_data": dict(training_data or {})}
+        meta["integrity"] = integrity_hash(meta)
+        calibration.save(directory)
+        write_json_atomic(directory / META_FILE, meta)
+        bundle = cls(kind, window, meta, path=directory)
+        bundle._calibration = calibration
+        return bundle
+
+    def calibrated(self, required: bool = True):
+        """The estimator's :class:`~clustermass.calibration.Calibration`."""
+        from .calibration import Calibration, CalibrationError
+
+        if self._calibration is None and self.path is not None:
+            try:
+                self._calibration = Calibration.load(self.path)
+            except CalibrationError as exc:
+                if required:
+                    raise BundleError(str(exc)) from exc
+        return self._calibration
+
+    def posterior(self):
+        """The fitted SBI posterior of the calibration."""
+        return self.calibrated().posterior
+
+
+def _load_baseline(directory: Path, meta: dict) -> BaselineBundle:
+    from pydantic import ValidationError
+
+    if integrity_hash(meta) != meta.get("integrity"):
+        raise BundleError(f"{directory / META_FILE} was edited after it was written (integrity hash)")
+    try:
+        window = WindowConfig.model_validate(meta["preprocessing"]["window"])
+    except (KeyError, TypeError, ValidationError) as exc:
+        raise BundleError(f"{directory / META_FILE} is incomplete or invalid: {exc!r}") from exc
+    bundle = BaselineBundle(meta.get("kind"), window, meta, path=directory)
+    bundle.calibrated()
     return bundle

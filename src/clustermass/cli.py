@@ -185,7 +185,7 @@ def evaluate(
 
 @app.command()
 def infer(
-    model: Annotated[Path, typer.Option(help="calibrated model bundle")],
+    model: Annotated[Path, typer.Option(help="calibrated bundle: a network, or a classical estimator that `evaluate` wrote (RUN/models/sigma_evrard, RUN/models/virial)")],
     out: Annotated[Path, typer.Option(help="output directory (posteriors.parquet)")],
     data: Annotated[Path | None, typer.Option(help="a clustermass catalogue directory")] = None,
     galaxies: Annotated[Path | None, typer.Option(help="survey galaxy table (FITS/CSV/ECSV/VOTable/parquet)")] = None,

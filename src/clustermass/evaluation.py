@@ -755,6 +755,7 @@ def evaluate(
     window = getattr(ref, "window", None)
     if baselines:
         from .baselines import BASELINES, run_baselines
+        from .bundle import BaselineBundle
         from .config import CalibrationConfig, WindowConfig
 
         window = window or WindowConfig()
@@ -780,6 +781,9 @@ def evaluate(
                 table = posterior_table(None, catalogue, rows, calibration=cal, d_pred=v[len(cal_rows):],
                                         window=window)
                 results[name], posteriors[name] = table[keep].reset_index(drop=True), cal
+                # the calibrated estimator as a bundle, for `infer --model OUT/models/<name>`
+                BaselineBundle.write(name, window, cal, out_dir / "models" / name,
+                                     training_data=(getattr(ref, "meta", None) or {}).get("training_data"))
             except (ClustermassError, CalibrationError) as exc:
                 notes.append(f"baseline {name} skipped: {exc}")
     if not results:
