@@ -41,11 +41,14 @@ def _existing_catalogue_key(out: Path):
         return "unknown"
 
 
-def simulate_stage(cfg: RunConfig, out: Path, progress: bool = True, overwrite: bool = False) -> Catalogue:
+def simulate_stage(cfg: RunConfig, out: Path, progress: bool = True, overwrite: bool = False,
+                   scheduler: str | None = None) -> Catalogue:
     """Simulate the mock catalogue into ``out`` (reused when it exists with the same config and seed).
 
     A catalogue made with other settings or another seed (trained bundles refer to it by hash)
     is only replaced with ``overwrite``. The catalogue streams to disk chunk by chunk, then is read back.
+    ``scheduler`` (``processes:N`` or a Dask scheduler address) runs the chunks as Dask tasks;
+    the files are the same bytes either way.
     """
     from ._io import guard_output
     from .simulate import simulate_to_directory
@@ -58,7 +61,7 @@ def simulate_stage(cfg: RunConfig, out: Path, progress: bool = True, overwrite: 
         return read_catalogue(out)
     guard_output(out, existing, key, overwrite, "a catalogue")
     simulate_to_directory(cfg.simulation, cfg.window, cfg.seed, out, meta={"config_key": key},
-                          progress=progress)
+                          progress=progress, scheduler=scheduler)
     return read_catalogue(out)
 
 
@@ -86,8 +89,13 @@ def calibrate_stage(bundle, cat: Catalogue, calibration: CalibrationConfig, spli
     return bundle
 
 
-def run_pipeline(cfg: RunConfig, out: str | Path, progress: bool = True, overwrite: bool = False) -> dict:
-    """Run every stage of the pipeline for ``cfg`` into directory ``out``; returns the metrics."""
+def run_pipeline(cfg: RunConfig, out: str | Path, progress: bool = True, overwrite: bool = False,
+                 scheduler: str | None = None) -> dict:
+    """Run every stage of the pipeline for ``cfg`` into directory ``out``; returns the metrics.
+
+    ``scheduler`` (``processes:N`` or a Dask scheduler address) runs the simulation chunks as
+    Dask tasks; training uses ``cfg.training.devices/num_nodes/strategy`` (Lightning).
+    """
     from .evaluation import evaluate
     from .report import build_report
 
@@ -98,7 +106,7 @@ def run_pipeline(cfg: RunConfig, out: str | Path, progress: bool = True, overwri
 
     t0 = time.perf_counter()
     _log("1/5 simulate", progress)
-    cat = simulate_stage(cfg, out / "catalogue", progress, overwrite=overwrite)
+    cat = simulate_stage(cfg, out / "catalogue", progress, overwrite=overwrite, scheduler=scheduler)
     timings["simulate_s"] = time.perf_counter() - t0
 
     kinds = [cfg.training.model] + [k for k in cfg.evaluation.comparison_models if k != cfg.training.model]
