@@ -127,6 +127,8 @@ def train(
                   training__precision=precision)
     cat = read_catalogue(data)
     bundle = train_stage(cfg, cat, cfg.training.model, out, progress=not quiet, overwrite=overwrite)
+    if bundle is None:  # a DDP rank > 0: rank 0 writes the bundle and reports
+        return
     _write_config(cfg, out)
     typer.echo(f"model bundle written to {out} (best val loss {bundle.meta.get('training', {}).get('best_val_loss')})")
 
@@ -320,6 +322,8 @@ def run(
     cfg = _config(preset, config, set_, seed, training__devices=devices, training__num_nodes=num_nodes,
                   training__strategy=strategy, training__precision=precision)
     metrics = run_pipeline(cfg, out, progress=not quiet, overwrite=overwrite, scheduler=scheduler)
+    if metrics is None:  # a DDP rank > 0: done after training; rank 0 carries on
+        return
     keys = ("eps_mean", "eps_std", "log_m_true_std", "coverage_68", "coverage_95", "sigma_N", "sigma_0")
     _echo_dict({k: metrics[k] for k in keys if k in metrics})
 

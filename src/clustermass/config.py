@@ -96,9 +96,9 @@ class TrainingConfig(_Section):
     devices: int = Field(1, ge=1, description="devices (GPUs, or CPU processes) per node; batches are "
                          "split across them, so the global batch stays batch_size")
     num_nodes: int = Field(1, ge=1, description="nodes of a multi-node run (Lightning's Slurm/torchrun launch)")
-    strategy: Literal["auto", "ddp", "ddp_spawn", "ddp_fork"] = Field(
-        "auto", description="Lightning strategy; auto = ddp when devices * num_nodes > 1 "
-        "(ddp_spawn on CPU: no relaunch of the command)")
+    strategy: Literal["auto", "ddp", "ddp_fork"] = Field(
+        "auto", description="Lightning strategy when devices * num_nodes > 1: ddp (auto) relaunches "
+        "the command once per device (or runs under srun/torchrun); ddp_fork forks at fit (CPU only)")
 
 
 class CalibrationConfig(_Section):

@@ -67,7 +67,10 @@ def simulate_stage(cfg: RunConfig, out: Path, progress: bool = True, overwrite: 
 
 def train_stage(cfg: RunConfig, cat: Catalogue, kind: str, out: Path, progress: bool = True,
                 overwrite: bool = False):
-    """Train one network of ``kind`` on the catalogue's train split; the bundle goes to ``out``."""
+    """Train one network of ``kind`` on the catalogue's train split; the bundle goes to ``out``.
+
+    Returns the bundle, or None on a DDP rank > 0 (see :func:`clustermass.training.train_model`).
+    """
     from .training import train_model
 
     training = cfg.training.model_copy(update={"model": kind})
@@ -90,11 +93,12 @@ def calibrate_stage(bundle, cat: Catalogue, calibration: CalibrationConfig, spli
 
 
 def run_pipeline(cfg: RunConfig, out: str | Path, progress: bool = True, overwrite: bool = False,
-                 scheduler: str | None = None) -> dict:
+                 scheduler: str | None = None) -> dict | None:
     """Run every stage of the pipeline for ``cfg`` into directory ``out``; returns the metrics.
 
     ``scheduler`` (``processes:N`` or a Dask scheduler address) runs the simulation chunks as
-    Dask tasks; training uses ``cfg.training.devices/num_nodes/strategy`` (Lightning).
+    Dask tasks; training uses ``cfg.training.devices/num_nodes/strategy`` (Lightning). On the
+    ranks > 0 of a relaunched DDP training the call returns None after the first training.
     """
     from .evaluation import evaluate
     from .report import build_report
@@ -115,6 +119,8 @@ def run_pipeline(cfg: RunConfig, out: str | Path, progress: bool = True, overwri
         t0 = time.perf_counter()
         _log(f"2/5 train {kind}", progress)
         bundles[kind] = train_stage(cfg, cat, kind, out / "models" / kind, progress, overwrite=overwrite)
+        if bundles[kind] is None:  # a DDP rank > 0 (rank 0 carries on with the other stages)
+            return None
         timings[f"train_{kind}_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         _log(f"3/5 calibrate {kind} on the test split", progress)

@@ -70,11 +70,26 @@ def halo_split(catalogue: Catalogue, rows, val_fraction: float, seed: int) -> tu
     return np.sort(rows[~is_val]), np.sort(rows[is_val])
 
 
+def _rank_world() -> tuple[int, int]:
+    """(rank, world size) of the running torch.distributed process group; (0, 1) without one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 class EpochBatchSampler(torch.utils.data.Sampler):
     """Shuffled index batches; the order of epoch ``e`` depends only on (seed, e).
 
     That makes a resumed run draw exactly the batches an uninterrupted one would
     (Lightning calls :meth:`set_epoch` before every epoch).
+
+    Under DDP (a torch.distributed process group of W ranks) every rank walks the same batches
+    and keeps its 1/W slice of each (``numpy.array_split``; a batch smaller than W goes whole to
+    every rank), so each optimiser step sees the single-device batch: DDP's gradient average
+    equals the single-device gradient up to floating-point reduction order (exactly so when W
+    divides the batch).
     """
 
     def __init__(self, n: int, batch_size: int, seed: int, shuffle: bool = True, dataset=None) -> None:
@@ -95,8 +110,12 @@ class EpochBatchSampler(torch.utils.data.Sampler):
             np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
             if self.shuffle else np.arange(self.n)
         )
+        rank, world = _rank_world()
         for i in range(0, self.n, self.batch_size):
-            yield order[i : i + self.batch_size].tolist()
+            batch = order[i : i + self.batch_size]
+            if world > 1 and len(batch) >= world:
+                batch = np.array_split(batch, world)[rank]
+            yield batch.tolist()
 
 
 class _TensorBatches(torch.utils.data.Dataset):
@@ -223,7 +242,9 @@ def _make_module(network: nn.Module, lr: float, betas, channels_last: bool):
 
         def validation_step(self, batch, batch_idx):
             loss, n = self._loss(batch)
-            self.log("val_loss", loss, on_step=False, on_epoch=True, batch_size=n)
+            # under DDP each rank sees a slice of every batch: average over the ranks
+            self.log("val_loss", loss, on_step=False, on_epoch=True, batch_size=n,
+                     sync_dist=self.trainer.world_size > 1)
 
         def train_loss_epoch(self) -> float:
             return self._sse / max(self._n, 1)
@@ -250,7 +271,7 @@ def _make_history_callback(total_epochs: int, progress: bool, desc: str):
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=total_epochs, initial=len(self.rows), desc=desc, unit="epoch",
-                            disable=not progress, dynamic_ncols=True)
+                            disable=not progress or trainer.global_rank != 0, dynamic_ncols=True)
 
         def on_train_epoch_start(self, trainer, pl_module) -> None:
             self._t0 = self._t1 = time.perf_counter()
@@ -264,7 +285,13 @@ def _make_history_callback(total_epochs: int, progress: bool, desc: str):
                 return
             val = float(trainer.callback_metrics["val_loss"])
             now = time.perf_counter()
-            row = {"epoch": trainer.current_epoch + 1, "train_loss": pl_module.train_loss_epoch(),
+            train_loss = pl_module.train_loss_epoch()
+            if trainer.world_size > 1:  # every rank saw a slice of each batch: sum over ranks
+                tot = trainer.strategy.reduce(torch.tensor([pl_module._sse, float(pl_module._n)],
+                                                           dtype=torch.float64, device=pl_module.device),
+                                              reduce_op="sum")
+                train_loss = float(tot[0] / max(float(tot[1]), 1.0))
+            row = {"epoch": trainer.current_epoch + 1, "train_loss": train_loss,
                    "val_loss": val, "train_s": round(self._t1 - self._t0, 4), "val_s": round(now - self._t1, 4),
                    "train_cpu_s": round(self._c1 - self._c0, 4)}
             self.rows = [r for r in self.rows if r["epoch"] < row["epoch"]] + [row]
@@ -305,6 +332,8 @@ def _quiet_lightning():
             warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
             warnings.filterwarnings("ignore", message=r".*number of training batches.*")
             warnings.filterwarnings("ignore", message=r".*Checkpoint directory.*exists.*")
+            # DDP with channels-last weights: harmless (gradients are copied into the buckets)
+            warnings.filterwarnings("ignore", message=r".*Grad strides do not match bucket view.*")
             yield
     finally:
         for lg, lv in zip(loggers, levels, strict=True):
@@ -320,9 +349,43 @@ def _precision(training: TrainingConfig, cuda: bool) -> str:
     return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
 
 
+def _strategy(training: TrainingConfig) -> str:
+    """Lightning strategy: ``auto`` on one device, else the configured one (``auto`` -> ``ddp``)."""
+    if training.devices * training.num_nodes == 1:
+        return training.strategy if training.strategy != "auto" else "auto"
+    return "ddp" if training.strategy == "auto" else training.strategy
+
+
+def _launch_rank(training: TrainingConfig) -> int:
+    """Global rank of this process in the training that is being launched (0 on one device).
+
+    Read the way Lightning will: torchrun/torchelastic (RANK), Slurm (SLURM_PROCID, under
+    srun), else LOCAL_RANK/NODE_RANK (set by Lightning for the processes it relaunches;
+    unset, i.e. rank 0, in the launching process and under ddp_fork).
+    """
+    import os
+
+    if training.devices * training.num_nodes == 1:
+        return 0
+    from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
+
+    if TorchElasticEnvironment.detect():
+        return int(os.environ["RANK"])
+    if SLURMEnvironment.detect():
+        return int(os.environ["SLURM_PROCID"])
+    return int(os.environ.get("NODE_RANK", 0)) * training.devices + int(os.environ.get("LOCAL_RANK", 0))
+
+
+def _callback_state(path: Path, callback) -> dict:
+    """The state a callback saved in a checkpoint (``{}`` when absent)."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    return (ckpt.get("callbacks") or {}).get(callback.state_key, {})
+
+
 def _run_fingerprint(kind, arch, window, kde, training, seed, data_hash) -> dict:
     tr = training.model_dump(mode="json")
-    for k in ("max_epochs", "patience", "num_workers", "cache_max_gb"):
+    # how many devices train does not change the result (up to reduction order): resumable anywhere
+    for k in ("max_epochs", "patience", "num_workers", "cache_max_gb", "devices", "num_nodes", "strategy"):
         tr.pop(k, None)
     return {"kind": kind, "arch": arch, "window": window.model_dump(mode="json"),
             "kde": kde.model_dump(mode="json"), "training": tr, "seed": int(seed), "data_hash": data_hash}
@@ -409,7 +472,15 @@ def train_model(
 
     Returns
     -------
-    ModelBundle holding the best-validation-loss weights (also saved in ``out_dir``).
+    ModelBundle holding the best-validation-loss weights (also saved in ``out_dir``); None on
+    the ranks > 0 of a multi-process (DDP) training, where rank 0 writes the bundle.
+
+    Notes
+    -----
+    ``training.devices``, ``num_nodes`` and ``strategy`` go to Lightning's Trainer. Under DDP the
+    data are sharded by batch slices (:class:`EpochBatchSampler`): the global batch stays
+    ``batch_size``, so results equal the single-device run up to floating-point reduction order.
+    Each process builds the grid cache for itself (forked children share the parent's).
     """
     pl = _lightning()
     t0 = time.perf_counter()
@@ -457,10 +528,12 @@ def train_model(
         elif resume or not state.get("completed", False):
             ckpt_path = last
     guard_output(out_dir, _existing_fingerprint(out_dir), fingerprint, overwrite, "a model bundle")
-    if ckpt_path is None and ckpt_dir.exists():
-        shutil.rmtree(ckpt_dir)
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(run_file, {"fingerprint": fingerprint, "completed": False})
+    rank = _launch_rank(training)  # under DDP only rank 0 touches the output directory
+    if rank == 0:
+        if ckpt_path is None and ckpt_dir.exists():
+            shutil.rmtree(ckpt_dir)
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(run_file, {"fingerprint": fingerprint, "completed": False})
 
     pl.seed_everything(seed, workers=True, verbose=False)
     network = build_network(kind, kde.n_grid, **arch_full, target_mean=t_mean, target_std=t_std)
@@ -472,6 +545,7 @@ def train_model(
 
     # ---- data
     device = torch.device("cuda") if cuda else torch.device("cpu")
+    multi = training.devices * training.num_nodes > 1
     n_cells = kde.n_grid ** KIND_DIMS[kind]
     cache_gb = (len(train_rows) + len(val_rows)) * n_cells * 4 / 1e9
     # sky-plane symmetries change only the 3D cubes; (R_proj, v) and v are invariant
@@ -484,7 +558,7 @@ def train_model(
         both = _dataset(catalogue, np.concatenate([train_rows, val_rows]), kind, window, kde)
         x, y = build_inputs(both, batch_size=max(training.batch_size, 64), num_workers=nw,
                             progress=progress, desc=f"{kind} grids")
-        if cuda and cache_gb < 0.5 * torch.cuda.mem_get_info()[0] / 1e9:
+        if cuda and not multi and cache_gb < 0.5 * torch.cuda.mem_get_info()[0] / 1e9:
             x, y = x.to(device), y.to(device)
         n_tr = len(train_rows)
         symmetries = augment == "d4"
@@ -517,7 +591,8 @@ def train_model(
                            save_top_k=1, save_last=True, enable_version_counter=False)
     with _quiet_lightning():
         trainer = pl.Trainer(
-            max_epochs=training.max_epochs, accelerator="gpu" if cuda else "cpu", devices=1,
+            max_epochs=training.max_epochs, accelerator="gpu" if cuda else "cpu",
+            devices=training.devices, num_nodes=training.num_nodes, strategy=_strategy(training),
             precision=precision, callbacks=[history, early, ckpt], logger=False,
             enable_model_summary=False, enable_progress_bar=False, num_sanity_val_steps=0,
             deterministic=not cuda, benchmark=cuda, use_distributed_sampler=False,
@@ -526,8 +601,16 @@ def train_model(
         trainer.fit(module, train_loader, val_loader, ckpt_path=ckpt_path)
     if trainer.interrupted:
         raise ClustermassError(f"training interrupted; run again with the same --out to resume from {last}")
+    if trainer.global_rank != 0:  # DDP: the other ranks are done; rank 0 writes the bundle
+        return None
 
     # ---- restore the best weights
+    stopped_early = early.stopped_epoch > 0
+    if multi:  # ddp_fork trains in child processes: read their history from the last checkpoint
+        history.rows = [dict(r) for r in _callback_state(last, history).get("rows", [])]
+        stopped_early = int(_callback_state(last, early).get("stopped_epoch", 0)) > 0
+        if not ckpt.best_model_path and (ckpt_dir / "best.ckpt").is_file():
+            ckpt.best_model_path = str(ckpt_dir / "best.ckpt")
     hist = history.rows
     if not hist or not np.isfinite([r["val_loss"] for r in hist]).any():
         raise ClustermassError(
@@ -571,7 +654,7 @@ def train_model(
             "epochs_run": int(len(hist)),
             "best_epoch": int(hist[best_i]["epoch"]),
             "best_val_loss": float(hist[best_i]["val_loss"]),
-            "stopped_early": bool(early.stopped_epoch > 0),
+            "stopped_early": bool(stopped_early),
             "history": hist,
             "precision": precision,
             "device": "cuda" if cuda else "cpu",
