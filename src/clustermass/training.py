@@ -255,6 +255,11 @@ def _make_module(network: nn.Module, lr: float, betas, channels_last: bool):
     return Regressor()
 
 
+#: the History rows, as a (epochs, len(HISTORY_KEYS)) tensor in ``trainer.callback_metrics`` under DDP
+HISTORY_METRIC = "_clustermass_history"
+HISTORY_KEYS = ("epoch", "train_loss", "val_loss", "train_s", "val_s", "train_cpu_s")
+
+
 def _make_history_callback(total_epochs: int, progress: bool, desc: str):
     pl = _lightning()
 
@@ -304,6 +309,9 @@ def _make_history_callback(total_epochs: int, progress: bool, desc: str):
         def on_fit_end(self, trainer, pl_module) -> None:
             if self.bar is not None:
                 self.bar.close()
+            if trainer.world_size > 1:  # ddp_fork: only callback_metrics travel back to the parent
+                trainer.callback_metrics[HISTORY_METRIC] = torch.tensor(
+                    [[float(r[k]) for k in HISTORY_KEYS] for r in self.rows], dtype=torch.float64)
 
         def on_exception(self, trainer, pl_module, exception) -> None:
             self.on_fit_end(trainer, pl_module)
@@ -374,12 +382,6 @@ def _launch_rank(training: TrainingConfig) -> int:
     if SLURMEnvironment.detect():
         return int(os.environ["SLURM_PROCID"])
     return int(os.environ.get("NODE_RANK", 0)) * training.devices + int(os.environ.get("LOCAL_RANK", 0))
-
-
-def _callback_state(path: Path, callback) -> dict:
-    """The state a callback saved in a checkpoint (``{}`` when absent)."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    return (ckpt.get("callbacks") or {}).get(callback.state_key, {})
 
 
 def _run_fingerprint(kind, arch, window, kde, training, seed, data_hash) -> dict:
@@ -605,13 +607,14 @@ def train_model(
         return None
 
     # ---- restore the best weights
-    stopped_early = early.stopped_epoch > 0
-    if multi:  # ddp_fork trains in child processes: read their history from the last checkpoint
-        history.rows = [dict(r) for r in _callback_state(last, history).get("rows", [])]
-        stopped_early = int(_callback_state(last, early).get("stopped_epoch", 0)) > 0
+    if multi and HISTORY_METRIC in trainer.callback_metrics:  # ddp_fork trained in child processes
+        table = np.asarray(trainer.callback_metrics[HISTORY_METRIC], dtype=np.float64).reshape(-1, len(HISTORY_KEYS))
+        history.rows = [{k: (int(v) if k == "epoch" else float(v)) for k, v in zip(HISTORY_KEYS, row, strict=True)}
+                        for row in table]
         if not ckpt.best_model_path and (ckpt_dir / "best.ckpt").is_file():
             ckpt.best_model_path = str(ckpt_dir / "best.ckpt")
     hist = history.rows
+    stopped_early = early.stopped_epoch > 0 or (multi and len(hist) < training.max_epochs)
     if not hist or not np.isfinite([r["val_loss"] for r in hist]).any():
         raise ClustermassError(
             f"training diverged: the validation loss was never finite (lr = {training.lr:g}); "
