@@ -183,3 +183,22 @@ def test_ddp_fork_equals_single_device(tmp_path):
         b = train_model(cat, "cnn3d", WINDOW, KDE, tr, 0, tmp_path / name, progress=False)
         hist[name] = [(r["train_loss"], r["val_loss"]) for r in b.meta["training"]["history"]]
     np.testing.assert_allclose(hist["two"], hist["one"], rtol=1e-5)
+
+
+def test_grids_beyond_the_memory_budget_stream_from_a_memmap(tmp_path):
+    """cache_max_gb exceeded: grids built once into a memory-mapped file; same training, file removed."""
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    from test_training import KDE, WINDOW, make_catalogue
+
+    from clustermass.config import TrainingConfig
+    from clustermass.training import train_model
+
+    cat = make_catalogue(n_halos=20, sightlines=2, n_test_halos=2)
+    hist = {}
+    for name, kw in (("memory", {}), ("disk", {"cache_max_gb": 0.0})):
+        tr = TrainingConfig(max_epochs=2, batch_size=16, lr=1e-3, **kw)
+        b = train_model(cat, "cnn3d", WINDOW, KDE, tr, 0, tmp_path / name, progress=False)
+        hist[name] = [(r["train_loss"], r["val_loss"]) for r in b.meta["training"]["history"]]
+    assert b.meta["training"]["inputs_cached"] == "disk"
+    assert hist["disk"] == hist["memory"]
+    assert not list((tmp_path / "disk" / "checkpoints").glob("grids*"))

@@ -200,6 +200,37 @@ def build_inputs(dataset, batch_size: int = 256, num_workers: int = 0, progress:
     return xs, ys
 
 
+def build_inputs_memmap(dataset, path: Path, batch_size: int = 256, num_workers: int = 0,
+                        progress: bool = False, desc: str = "phase-space grids") -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`build_inputs` into a ``.npy`` file at ``path``, memory-mapped: same values, but
+    only one batch of grids is ever in memory (x is a tensor view of the mapped file)."""
+    import os
+
+    from tqdm.auto import tqdm
+
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
+                                         num_workers=num_workers)
+    path = Path(path)
+    tmp = path.with_name(path.name + ".part")
+    mm, ys, i = None, torch.empty(len(dataset), dtype=torch.float32), 0
+    with tqdm(total=len(dataset), desc=desc, unit="diagram", disable=not progress, leave=False) as bar:
+        for x, y in loader:
+            if mm is None:
+                mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32,
+                                               shape=(len(dataset),) + tuple(x.shape[1:]))
+            mm[i : i + len(y)] = x.numpy()
+            ys[i : i + len(y)] = torch.as_tensor(y, dtype=torch.float32)
+            i += len(y)
+            bar.update(len(y))
+    if mm is None:
+        raise ClustermassError("no diagrams to build grids for")
+    mm.flush()
+    del mm
+    os.replace(tmp, path)
+    # copy-on-write mapping: writable for torch, never written back
+    return torch.from_numpy(np.load(path, mmap_mode="c")), ys
+
+
 # ---------------------------------------------------------------------- lightning
 def _lightning():
     import lightning.pytorch as pl
@@ -554,6 +585,10 @@ def train_model(
     augment = training.augment if kind == "cnn3d" else "none"
     rebuild = augment == "rotate"  # galaxies rotated every epoch: no fixed cubes
     use_cache = training.cache_inputs and not rebuild and cache_gb <= training.cache_max_gb
+    # larger than the in-memory budget: the grids are built once into a memory-mapped file and
+    # read back batch by batch (the OS pages them in and out), so training data may exceed RAM
+    use_memmap = training.cache_inputs and not rebuild and not use_cache
+    memmap_file = ckpt_dir / (f"grids-rank{rank}.npy" if multi else "grids.npy")
     nw = training.num_workers
     train_base = None
     if use_cache:
@@ -567,6 +602,15 @@ def train_model(
         train_set = _TensorBatches(x[:n_tr], y[:n_tr], symmetries=symmetries, seed=seed)
         val_set = _TensorBatches(x[n_tr:], y[n_tr:])
         train_base = train_set  # receives set_epoch (symmetry draws per epoch)
+        workers = {"num_workers": 0}
+    elif use_memmap:
+        both = _dataset(catalogue, np.concatenate([train_rows, val_rows]), kind, window, kde)
+        x, y = build_inputs_memmap(both, memmap_file, batch_size=max(training.batch_size, 64),
+                                   num_workers=nw, progress=progress, desc=f"{kind} grids (disk)")
+        n_tr = len(train_rows)
+        train_set = _TensorBatches(x[:n_tr], y[:n_tr], symmetries=augment == "d4", seed=seed)
+        val_set = _TensorBatches(x[n_tr:], y[n_tr:])
+        train_base = train_set
         workers = {"num_workers": 0}
     else:
         train_base = _dataset(catalogue, train_rows, kind, window, kde,
@@ -629,6 +673,9 @@ def train_model(
         raise ClustermassError("training diverged: the best weights hold NaN/inf; lower training.lr; no bundle written")
     best_i = int(np.nanargmin([r["val_loss"] if np.isfinite(r["val_loss"]) else np.inf for r in hist]))
     write_json_atomic(run_file, {"fingerprint": fingerprint, "completed": True})
+    if use_memmap:
+        del train_set, val_set, train_loader, val_loader, x, y
+        memmap_file.unlink(missing_ok=True)
 
     import lightning
 
@@ -661,7 +708,7 @@ def train_model(
             "history": hist,
             "precision": precision,
             "device": "cuda" if cuda else "cpu",
-            "inputs_cached": bool(use_cache),
+            "inputs_cached": "disk" if use_memmap else bool(use_cache),
             "wall_s": round(time.perf_counter() - t0, 3),
         },
         "versions": {"clustermass": __version__, "torch": torch.__version__,
