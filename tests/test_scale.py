@@ -170,11 +170,9 @@ def test_ddp_on_two_cpu_processes_trains_tiny_and_the_bundle_loads(tmp_path):
 
 def test_ddp_fork_equals_single_device(tmp_path):
     """Two forked CPU ranks (gloo) reproduce the single-device losses up to reduction order."""
-    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
-    from test_training import KDE, WINDOW, make_catalogue
-
     from clustermass.config import TrainingConfig
     from clustermass.training import train_model
+    from test_training import KDE, WINDOW, make_catalogue
 
     cat = make_catalogue(n_halos=30, sightlines=2, n_test_halos=2)
     hist = {}
@@ -187,11 +185,9 @@ def test_ddp_fork_equals_single_device(tmp_path):
 
 def test_grids_beyond_the_memory_budget_stream_from_a_memmap(tmp_path):
     """cache_max_gb exceeded: grids built once into a memory-mapped file; same training, file removed."""
-    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
-    from test_training import KDE, WINDOW, make_catalogue
-
     from clustermass.config import TrainingConfig
     from clustermass.training import train_model
+    from test_training import KDE, WINDOW, make_catalogue
 
     cat = make_catalogue(n_halos=20, sightlines=2, n_test_halos=2)
     hist = {}
