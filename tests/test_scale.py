@@ -197,4 +197,4 @@ def test_grids_beyond_the_memory_budget_stream_from_a_memmap(tmp_path):
         hist[name] = [(r["train_loss"], r["val_loss"]) for r in b.meta["training"]["history"]]
     assert b.meta["training"]["inputs_cached"] == "disk"
     assert hist["disk"] == hist["memory"]
-    assert not list((tmp_path / "disk" / "checkpoints").glob("grids*"))
+    assert not list((tmp_path / "disk").rglob("*grids*"))

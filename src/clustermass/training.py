@@ -588,7 +588,8 @@ def train_model(
     # larger than the in-memory budget: the grids are built once into a memory-mapped file and
     # read back batch by batch (the OS pages them in and out), so training data may exceed RAM
     use_memmap = training.cache_inputs and not rebuild and not use_cache
-    memmap_file = ckpt_dir / (f"grids-rank{rank}.npy" if multi else "grids.npy")
+    # one file per launched process, beside (not inside) checkpoints/, which rank 0 may clear
+    memmap_file = out_dir / f".grids-rank{rank}.npy"
     nw = training.num_workers
     train_base = None
     if use_cache:
@@ -604,6 +605,7 @@ def train_model(
         train_base = train_set  # receives set_epoch (symmetry draws per epoch)
         workers = {"num_workers": 0}
     elif use_memmap:
+        out_dir.mkdir(parents=True, exist_ok=True)
         both = _dataset(catalogue, np.concatenate([train_rows, val_rows]), kind, window, kde)
         x, y = build_inputs_memmap(both, memmap_file, batch_size=max(training.batch_size, 64),
                                    num_workers=nw, progress=progress, desc=f"{kind} grids (disk)")
@@ -648,6 +650,9 @@ def train_model(
     if trainer.interrupted:
         raise ClustermassError(f"training interrupted; run again with the same --out to resume from {last}")
     if trainer.global_rank != 0:  # DDP: the other ranks are done; rank 0 writes the bundle
+        if use_memmap:
+            del train_set, val_set, train_loader, val_loader, x, y
+            memmap_file.unlink(missing_ok=True)
         return None
 
     # ---- restore the best weights
