@@ -152,25 +152,26 @@ def bench_simulate(tmp: Path, n_diagrams: int, workers: int) -> dict:
 
 def bench_ddp(tmp: Path, epochs: int) -> dict:
     sys.path.insert(0, str(HERE.parent / "tests"))
-    from clustermass.config import TrainingConfig
+    from clustermass.config import KDEConfig, TrainingConfig
     from clustermass.training import train_model
-    from test_training import KDE, WINDOW, make_catalogue
+    from test_training import WINDOW, make_catalogue
 
-    cat = make_catalogue(n_halos=150, sightlines=2, n_test_halos=2)
+    kde = KDEConfig(n_grid=32, bandwidth=0.5)  # 32^3 cubes: enough work per step to time
+    cat = make_catalogue(n_halos=300, sightlines=2, n_test_halos=2)
     res = {}
     # warm-up (imports, first convolutions) so that neither timed run pays it
-    train_model(cat, "cnn3d", WINDOW, KDE, TrainingConfig(max_epochs=1, batch_size=64), 0, tmp / "ddp_warm",
+    train_model(cat, "cnn3d", WINDOW, kde, TrainingConfig(max_epochs=1, batch_size=64), 0, tmp / "ddp_warm",
                 progress=False)
     for name, kw in (("one", {}), ("two", {"devices": 2, "strategy": "ddp_fork"})):
         tr = TrainingConfig(max_epochs=epochs, patience=epochs, batch_size=64, lr=1e-3, **kw)
         t0 = time.perf_counter()
-        b = train_model(cat, "cnn3d", WINDOW, KDE, tr, 0, tmp / f"ddp_{name}", progress=False)
+        b = train_model(cat, "cnn3d", WINDOW, kde, tr, 0, tmp / f"ddp_{name}", progress=False)
         res[name] = (time.perf_counter() - t0, b.meta["training"]["history"])
     l1 = np.array([[r["train_loss"], r["val_loss"]] for r in res["one"][1]])
     l2 = np.array([[r["train_loss"], r["val_loss"]] for r in res["two"][1]])
     fit1 = sum(r["train_s"] + r["val_s"] for r in res["one"][1])
     fit2 = sum(r["train_s"] + r["val_s"] for r in res["two"][1])
-    return {"n_train_diagrams": int(b.meta["training"]["n_train"]), "epochs": epochs, "n_grid": KDE.n_grid,
+    return {"n_train_diagrams": int(b.meta["training"]["n_train"]), "epochs": epochs, "n_grid": kde.n_grid,
             "one_process_s": res["one"][0], "two_processes_s": res["two"][0],
             "ratio_total": res["two"][0] / res["one"][0],
             "one_process_epochs_s": fit1, "two_processes_epochs_s": fit2, "ratio_epochs": fit2 / fit1,
