@@ -198,3 +198,27 @@ def test_grids_beyond_the_memory_budget_stream_from_a_memmap(tmp_path):
     assert b.meta["training"]["inputs_cached"] == "disk"
     assert hist["disk"] == hist["memory"]
     assert not list((tmp_path / "disk").rglob("*grids*"))
+
+
+def test_bad_scheduler_is_a_one_line_error(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "clustermass.cli", "simulate", "--out", str(tmp_path / "c"),
+                          "--preset", "tiny", "-q", "--scheduler", "slurm"], capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert res.stderr.startswith("error:") and "processes:N" in res.stderr
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_ddp_on_the_gpus_trains_tiny(tmp_path):
+    """Multi-GPU DDP (NCCL) where a machine has two GPUs; one GPU: the single-device path."""
+    import torch
+
+    from clustermass.bundle import load_model
+
+    n = min(torch.cuda.device_count(), 2)
+    cli("simulate", "--out", tmp_path / "cat", "--preset", "tiny", "-q")
+    cli("train", "--data", tmp_path / "cat", "--out", tmp_path / "m", "--preset", "tiny", "--epochs", 1,
+        "--devices", n, "--precision", "bf16-mixed", "-q", timeout=300)
+    meta = load_model(tmp_path / "m").meta["training"]
+    assert meta["device"] == "cuda" and meta["devices"] == n and meta["precision"] == "bf16-mixed"
