@@ -328,16 +328,20 @@ def _split_batches(cat: Catalogue, info: pd.DataFrame | None, batch_size: int, i
         yield (part, inf) if info_too else part
 
 
-#: bundles loaded by this process (Dask workers keep theirs between tasks)
+#: bundles loaded by this process, one per thread (Dask workers keep theirs between tasks; a
+#: bundle's fitted posterior is per-batch state, so threads never share one)
 _BUNDLES: dict = {}
 
 
 def _worker_bundle(path: str, integrity: str):
+    import threading
+
     from .bundle import load_model
 
-    key = (path, integrity)
+    key = (path, integrity, threading.get_ident())
     if key not in _BUNDLES:
-        _BUNDLES.clear()
+        for other in [k for k in _BUNDLES if k[:2] != key[:2]]:  # another model: drop the old ones
+            _BUNDLES.pop(other, None)
         bundle = load_model(path)
         if bundle.meta.get("integrity") != integrity:
             raise ClustermassError(f"the model bundle {path} changed during inference")

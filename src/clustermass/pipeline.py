@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from pathlib import Path
 
@@ -114,6 +115,9 @@ def run_pipeline(cfg: RunConfig, out: str | Path, progress: bool = True, overwri
     timings["simulate_s"] = time.perf_counter() - t0
 
     kinds = [cfg.training.model] + [k for k in cfg.evaluation.comparison_models if k != cfg.training.model]
+    relaunched_for = os.environ.get("CLUSTERMASS_DDP_KIND")  # training.DDP_KIND_ENV
+    if relaunched_for in kinds:  # a process Lightning relaunched (DDP) to train this one model
+        kinds = [relaunched_for]
     bundles = {}
     for kind in kinds:
         t0 = time.perf_counter()

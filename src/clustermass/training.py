@@ -21,6 +21,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import shutil
 import time
 import warnings
@@ -388,6 +389,12 @@ def _precision(training: TrainingConfig, cuda: bool) -> str:
     return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
 
 
+#: set during a multi-device fit, so the processes Lightning relaunches know which model they train
+DDP_KIND_ENV = "CLUSTERMASS_DDP_KIND"
+#: what Lightning's process launcher writes into the launching process's environment
+_LAUNCH_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
+
+
 def _strategy(training: TrainingConfig) -> str:
     """Lightning strategy: ``auto`` on one device, else the configured one (``auto`` -> ``ddp``)."""
     if training.devices * training.num_nodes == 1:
@@ -402,8 +409,6 @@ def _launch_rank(training: TrainingConfig) -> int:
     srun), else LOCAL_RANK/NODE_RANK (set by Lightning for the processes it relaunches;
     unset, i.e. rank 0, in the launching process and under ddp_fork).
     """
-    import os
-
     if training.devices * training.num_nodes == 1:
         return 0
     from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
@@ -646,7 +651,28 @@ def train_model(
             deterministic=not cuda, benchmark=cuda, use_distributed_sampler=False,
             log_every_n_steps=1, default_root_dir=out_dir,
         )
-        trainer.fit(module, train_loader, val_loader, ckpt_path=ckpt_path)
+        # processes that Lightning relaunches (strategy ddp) rerun the command from the start;
+        # `run` reads this to train only this model in them (see pipeline.run_pipeline)
+        # Lightning launches the processes itself when LOCAL_RANK is unset; it then leaves
+        # MASTER_PORT, LOCAL_RANK, ... in this process's environment, which would make the next
+        # multi-device training of `run` believe it was launched externally: restore them after
+        own_launch = multi and "LOCAL_RANK" not in os.environ
+        saved_env = {k: os.environ.get(k) for k in _LAUNCH_ENV + (DDP_KIND_ENV,)}
+        if own_launch:
+            os.environ[DDP_KIND_ENV] = kind
+        try:
+            trainer.fit(module, train_loader, val_loader, ckpt_path=ckpt_path)
+        finally:
+            if own_launch:
+                for k, v in saved_env.items():
+                    if v is None:
+                        os.environ.pop(k, None)
+                    else:
+                        os.environ[k] = v
+    if multi and torch.distributed.is_available() and torch.distributed.is_initialized():
+        # the ranks relaunched for this fit end with it: a later training (the next model of
+        # `run`) starts a new process group with new ranks
+        torch.distributed.destroy_process_group()
     if trainer.interrupted:
         raise ClustermassError(f"training interrupted; run again with the same --out to resume from {last}")
     if trainer.global_rank != 0:  # DDP: the other ranks are done; rank 0 writes the bundle
