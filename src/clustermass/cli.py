@@ -32,6 +32,11 @@ Seed = Annotated[int | None, typer.Option(min=0, help="random seed, a non-negati
 PriorChoice = str  # "flat" or "mass-function" (checked by clustermass.calibration)
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars or log lines")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="replace an output made from other inputs or settings")]
+Scheduler = Annotated[str | None, typer.Option(help="run as Dask tasks: processes:N (local cluster) or a scheduler address tcp://host:8786 (needs clustermass[dask]); same output bytes")]
+Devices = Annotated[int | None, typer.Option(min=1, help="devices (GPUs; CPU processes without one) per node (default: the preset's, 1)")]
+NumNodes = Annotated[int | None, typer.Option("--num-nodes", min=1, help="nodes of a multi-node training (Slurm: srun; see docs/scaling.md)")]
+Strategy = Annotated[str | None, typer.Option(help="Lightning strategy: auto, ddp, ddp_spawn, ddp_fork")]
+Precision = Annotated[str | None, typer.Option(help="auto, 32-true, 16-mixed, bf16-mixed")]
 
 
 def _config(preset: str, config: Path | None, sets: list[str] | None, seed: int | None = None, **updates):
@@ -68,6 +73,7 @@ def simulate(
     seed: Seed = None,
     sky: Annotated[bool, typer.Option("--sky", help="simulate a mock SKY (galaxy + cluster tables) instead of diagrams")] = False,
     area: Annotated[float, typer.Option(help="--sky: survey area [deg^2]")] = 500.0,
+    scheduler: Scheduler = None,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> None:
@@ -90,7 +96,7 @@ def simulate(
     from .pipeline import simulate_stage
     from .simulate import summarize_catalogue
 
-    cat = simulate_stage(cfg, out, progress=not quiet, overwrite=overwrite)
+    cat = simulate_stage(cfg, out, progress=not quiet, overwrite=overwrite, scheduler=scheduler)
     _write_config(cfg, out)
     _echo_dict(summarize_catalogue(cat))
     typer.echo(f"catalogue written to {out}")
@@ -106,6 +112,10 @@ def train(
     set_: Sets = None,
     epochs: Annotated[int | None, typer.Option(min=1, help="maximum epochs (default: the preset's)")] = None,
     seed: Seed = None,
+    devices: Devices = None,
+    num_nodes: NumNodes = None,
+    strategy: Strategy = None,
+    precision: Precision = None,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> None:
@@ -113,9 +123,13 @@ def train(
     from .catalog import read_catalogue
     from .pipeline import train_stage
 
-    cfg = _config(preset, config, set_, seed, training__model=model, training__max_epochs=epochs)
+    cfg = _config(preset, config, set_, seed, training__model=model, training__max_epochs=epochs,
+                  training__devices=devices, training__num_nodes=num_nodes, training__strategy=strategy,
+                  training__precision=precision)
     cat = read_catalogue(data)
     bundle = train_stage(cfg, cat, cfg.training.model, out, progress=not quiet, overwrite=overwrite)
+    if bundle is None:  # a DDP rank > 0: rank 0 writes the bundle and reports
+        return
     _write_config(cfg, out)
     typer.echo(f"model bundle written to {out} (best val loss {bundle.meta.get('training', {}).get('best_val_loss')})")
 
@@ -210,6 +224,8 @@ def infer(
     plots: Annotated[bool, typer.Option(help="write a posterior figure per cluster")] = False,
     prior: Annotated[PriorChoice, typer.Option(help="mass prior: flat (the training mocks') or mass-function "
                                                     "(Tinker08 at each redshift: a survey's clusters)")] = "flat",
+    scheduler: Scheduler = None,
+    batch_size: Annotated[int | None, typer.Option(min=1, help="--data: clusters read, inferred and written per batch (bounds memory; default 20000)")] = None,
     preset: Preset = "quick",
     config: ConfigFile = None,
     set_: Sets = None,
@@ -224,7 +240,8 @@ def infer(
     from .inference import infer_authors_sdss, infer_catalogue, infer_sky_tables
 
     cfg = _config(preset, config, set_)
-    common = {"plots": plots, "progress": not quiet, "strict": strict, "overwrite": overwrite, "prior": prior}
+    common = {"plots": plots, "progress": not quiet, "strict": strict, "overwrite": overwrite, "prior": prior,
+              "scheduler": scheduler}
     if authors_sdss is not None:
         if galaxies is None:
             raise ClustermassError("--authors-sdss needs --galaxies (their galaxy file or folder)")
@@ -232,7 +249,7 @@ def infer(
     elif (data is None) == (galaxies is None or clusters is None):
         raise ClustermassError("give either --data DIR, or both --galaxies and --clusters")
     elif data is not None:
-        path = infer_catalogue(model, data, out, **common)
+        path = infer_catalogue(model, data, out, batch_size=batch_size, **common)
     else:
         path = infer_sky_tables(
             model, galaxies, clusters, out, ra_col=galaxy_ra_col or ra_col, dec_col=galaxy_dec_col or dec_col,
@@ -310,14 +327,22 @@ def run(
     config: ConfigFile = None,
     set_: Sets = None,
     seed: Seed = None,
+    scheduler: Scheduler = None,
+    devices: Devices = None,
+    num_nodes: NumNodes = None,
+    strategy: Strategy = None,
+    precision: Precision = None,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> None:
     """The whole pipeline: simulate -> train -> calibrate (SBI) -> evaluate -> report."""
     from .pipeline import run_pipeline
 
-    cfg = _config(preset, config, set_, seed)
-    metrics = run_pipeline(cfg, out, progress=not quiet, overwrite=overwrite)
+    cfg = _config(preset, config, set_, seed, training__devices=devices, training__num_nodes=num_nodes,
+                  training__strategy=strategy, training__precision=precision)
+    metrics = run_pipeline(cfg, out, progress=not quiet, overwrite=overwrite, scheduler=scheduler)
+    if metrics is None:  # a DDP rank > 0: done after training; rank 0 carries on
+        return
     keys = ("eps_mean", "eps_std", "log_m_true_std", "coverage_68", "coverage_95", "sigma_N", "sigma_0")
     _echo_dict({k: metrics[k] for k in keys if k in metrics})
 

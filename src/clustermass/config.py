@@ -121,6 +121,12 @@ class TrainingConfig(_Section):
     cache_max_gb: float = Field(12.0, ge=0, description="largest in-memory grid cache [GB] (paper: 8.5); beyond it grids are rebuilt each epoch")
     precision: Literal["auto", "32-true", "16-mixed", "bf16-mixed"] = Field(
         "auto", description="auto: bf16/16-mixed on a GPU, 32-bit on CPU")
+    devices: int = Field(1, ge=1, description="devices (GPUs, or CPU processes) per node; batches are "
+                         "split across them, so the global batch stays batch_size")
+    num_nodes: int = Field(1, ge=1, description="nodes of a multi-node run (Lightning's Slurm/torchrun launch)")
+    strategy: Literal["auto", "ddp", "ddp_fork"] = Field(
+        "auto", description="Lightning strategy when devices * num_nodes > 1: ddp (auto) relaunches "
+        "the command once per device (or runs under srun/torchrun); ddp_fork forks at fit (CPU only)")
 
 
 class CalibrationConfig(_Section):

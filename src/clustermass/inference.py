@@ -282,22 +282,258 @@ def _write_posteriors(bundle, table: pd.DataFrame, out, plots: bool, identity: d
     return path
 
 
+# ---------------------------------------------------------------------- batched, streamed inference
+#: clusters read, inferred and written per batch by ``infer --data`` (bounds peak memory)
+INFER_BATCH_SIZE = 20_000
+
+
+def iter_catalogue_batches(directory: str | Path, batch_size: int):
+    """Stream a catalogue directory as Catalogues of at most ``batch_size`` clusters.
+
+    Returns ``(batches, n_clusters)``; ``batches`` is an iterator. Only the clusters and
+    galaxies of one batch (plus one parquet row group of galaxies) are held in memory: the
+    galaxies are read in step with the clusters, which needs both tables ordered by
+    ``diagram_id`` (as ``simulate`` and ``write_catalogue`` write them). Any other catalogue is
+    read whole (:func:`read_catalogue`) and split into batches. The halos table is not read.
+    """
+    import json
+
+    import pyarrow.parquet as pq
+
+    from .catalog import check_declared_units, units_of
+
+    directory = Path(directory)
+    paths = {n: directory / f"{n}.parquet" for n in ("clusters", "galaxies")}
+    if not directory.is_dir() or not all(p.is_file() for p in paths.values()):
+        cat = read_catalogue(directory)  # raises the usual CatalogueError
+        return _split_batches(cat, None, batch_size, info_too=False), len(cat)
+    try:
+        pf_cl, pf_gal = pq.ParquetFile(paths["clusters"]), pq.ParquetFile(paths["galaxies"])
+        ordered = all(_column_sorted(pf, "diagram_id", strict=(n == "clusters"))
+                      for n, pf in (("clusters", pf_cl), ("galaxies", pf_gal)))
+    except Exception:  # unreadable, or no diagram_id column: the full reader gives the error
+        ordered = False
+    if not ordered:
+        cat = read_catalogue(directory)
+        return _split_batches(cat, None, batch_size, info_too=False), len(cat)
+    for name, path in paths.items():
+        check_declared_units(units_of(path), f"{name}.parquet")
+    meta = json.loads((pf_cl.schema_arrow.metadata or {}).get(b"clustermass.meta", b"{}"))
+    return _stream_batches(pf_cl, pf_gal, batch_size, meta), pf_cl.metadata.num_rows
+
+
+def _column_sorted(pf, column: str, strict: bool) -> bool:
+    """Whether ``column`` of a parquet file never decreases (never repeats, with ``strict``);
+    read one column, one row group at a time."""
+    last = None
+    for batch in pf.iter_batches(batch_size=1 << 18, columns=[column]):
+        v = batch.column(0).to_numpy()
+        if len(v) == 0:
+            continue
+        d = np.diff(v)
+        if (d <= 0).any() if strict else (d < 0).any():
+            return False
+        if last is not None and (v[0] <= last if strict else v[0] < last):
+            return False
+        last = v[-1]
+    return True
+
+
+def _stream_batches(pf_cl, pf_gal, batch_size: int, meta: dict):
+    from .catalog import warn_implausible_units
+
+    gal_iter = pf_gal.iter_batches(batch_size=1 << 16)
+    empty = pf_gal.schema_arrow.empty_table().to_pandas()
+    buffer: list[pd.DataFrame] = []
+    exhausted = False
+    warned = False
+    for rb in pf_cl.iter_batches(batch_size=batch_size):
+        cl = rb.to_pandas()
+        top = cl["diagram_id"].to_numpy()[-1]
+        # pull galaxies until one lies beyond this batch's last diagram
+        while not exhausted and (not buffer or buffer[-1]["diagram_id"].to_numpy()[-1] <= top):
+            nxt = next(gal_iter, None)
+            if nxt is None:
+                exhausted = True
+            elif nxt.num_rows:
+                buffer.append(nxt.to_pandas())
+        gal = pd.concat(buffer, ignore_index=True) if buffer else empty
+        cut = int(np.searchsorted(gal["diagram_id"].to_numpy(), top, side="right"))
+        mine = gal.iloc[:cut].reset_index(drop=True)
+        buffer = [gal.iloc[cut:].reset_index(drop=True)] if cut < len(gal) else []
+        cat = Catalogue(cl, mine, None, meta)
+        if not warned:
+            warn_implausible_units(cat.galaxies)
+            warned = True
+        yield cat
+    if buffer or (not exhausted and next(gal_iter, None) is not None):
+        raise CatalogueError("galaxies refer to diagram_id(s) not in clusters (beyond the last cluster)")
+
+
+def _take(cat: Catalogue, rows) -> Catalogue:
+    """The clusters ``rows`` of ``cat`` with their galaxies (contiguous slices via the offsets)."""
+    off = cat.offsets[rows]
+    idx = np.concatenate([np.arange(a, b) for a, b in off]) if len(rows) else np.zeros(0, np.int64)
+    cl = cat.clusters.iloc[rows].reset_index(drop=True)
+    gal = cat.galaxies.iloc[idx].reset_index(drop=True)
+    return Catalogue(cl, gal, None, dict(cat.meta))
+
+
+def _split_batches(cat: Catalogue, info: pd.DataFrame | None, batch_size: int, info_too: bool = True):
+    """(Catalogue, info) batches of an in-memory catalogue (``info`` rows aligned with its clusters)."""
+    n = len(cat)
+    for start in range(0, max(n, 1), batch_size):
+        rows = np.arange(start, min(n, start + batch_size))
+        part = cat if len(rows) == n else _take(cat, rows)
+        inf = None if info is None else info.iloc[rows].reset_index(drop=True)
+        yield (part, inf) if info_too else part
+
+
+#: bundles loaded by this process, one per thread (Dask workers keep theirs between tasks; a
+#: bundle's fitted posterior is per-batch state, so threads never share one)
+_BUNDLES: dict = {}
+
+
+def _worker_bundle(path: str, integrity: str):
+    import threading
+
+    from .bundle import load_model
+
+    key = (path, integrity, threading.get_ident())
+    if key not in _BUNDLES:
+        for other in [k for k in _BUNDLES if k[:2] != key[:2]]:  # another model: drop the old ones
+            _BUNDLES.pop(other, None)
+        bundle = load_model(path)
+        if bundle.meta.get("integrity") != integrity:
+            raise ClustermassError(f"the model bundle {path} changed during inference")
+        _BUNDLES[key] = bundle
+    return _BUNDLES[key]
+
+
+def _batch_table(item, bundle, prior: str = "flat") -> pd.DataFrame:
+    """The posterior table of one batch; the calibration is read afresh for every batch, so a
+    batch's result depends on the batch alone, not on which process ran the batches before it."""
+    cat, info = item
+    bundle._calibration = None
+    return posterior_table(bundle, cat, info=info, prior=prior)
+
+
+def _batch_task(item, path: str, integrity: str, prior: str = "flat") -> pd.DataFrame:
+    return _batch_table(item, _worker_bundle(path, integrity), prior)
+
+
+def _posterior_batches(bundle, items, scheduler: str | None, progress: bool, total: int,
+                       prior: str = "flat"):
+    """Posterior tables of (Catalogue, info) batches, in order, serially or as Dask tasks."""
+    from tqdm.auto import tqdm
+
+    with tqdm(total=total, desc=f"infer {bundle.kind}", unit="cluster", disable=not progress,
+              dynamic_ncols=True) as bar:
+        if scheduler is None:
+            for item in items:
+                table = _batch_table(item, bundle, prior)
+                bar.update(len(table))
+                yield table
+            return
+        if bundle.path is None:
+            raise ClustermassError("inference with a scheduler needs a saved model bundle")
+        from .distributed import dask_client, map_ordered
+
+        with dask_client(scheduler) as client:
+            for table in map_ordered(client, _batch_task, items, str(Path(bundle.path).resolve()),
+                                     bundle.meta.get("integrity"), prior):
+                bar.update(len(table))
+                yield table
+
+
+def _write_posterior_stream(bundle, tables, out, plots: bool, identity: dict, strict: bool,
+                            prior: str = "flat") -> Path:
+    """:func:`_write_posteriors` for a stream of per-batch tables: one writer, one parquet row
+    group per batch, moved into place atomically once every batch is written and the flags
+    pass ``strict``. A single batch gives the same bytes as :func:`_write_posteriors`."""
+    import pyarrow.parquet as pq
+
+    from ._io import atomic_path, write_json_atomic
+    from .catalog import HALO_COLUMNS, UNITS, _table_with_units
+
+    out = Path(out)
+    path = out / "posteriors.parquet"
+    units = {**UNITS, **{k: v[1] for k, v in HALO_COLUMNS.items()}}
+    counts: dict[str, int] = {}
+    n = 0
+    columns = None
+    with atomic_path(path) as tmp:
+        writer = None
+        try:
+            for table in tables:
+                if columns is None:
+                    columns = list(table.columns)
+                elif list(table.columns) != columns:  # e.g. log_m_true known in some batches only
+                    for i, c in enumerate(columns):
+                        if c not in table.columns:
+                            table.insert(min(i, len(table.columns)), c, np.nan)
+                    table = table[columns]
+                arrow = _table_with_units(table, units, {})
+                if writer is None:
+                    writer = pq.ParquetWriter(tmp, arrow.schema)
+                writer.write_table(arrow.cast(writer.schema))
+                for k, v in flag_summary(table).items():
+                    counts[k] = counts.get(k, 0) + v
+                n += len(table)
+                if plots:
+                    cal = bundle.calibrated()
+                    _cluster_figures(cal if cal.prior == prior else cal.with_prior(prior), table, out)
+            if writer is None:
+                raise ClustermassError("no clusters to infer")
+        finally:
+            if writer is not None:
+                writer.close()
+        _report_counts(counts, n, strict)  # raises before the file moves into place
+    write_json_atomic(out / "inference.json", {"identity": identity, "n_clusters": n,
+                                               "flags": counts, "model_kind": bundle.kind, "prior": prior})
+    return path
+
+
+def _report_counts(counts: dict[str, int], n: int, strict: bool) -> None:
+    """:func:`report_flags` from flag counts (the streamed path keeps no whole table)."""
+    import warnings
+
+    from .errors import OutOfDistributionWarning
+
+    hard = {k: counts[k] for k in INPUT_FLAGS if counts.get(k)}
+    if strict and hard:
+        raise ClustermassError("--strict: refusing to infer: " + "; ".join(
+            f"{v} of {n} cluster(s) {_FLAG_REASONS[k]}" for k, v in hard.items()))
+    for k, v in counts.items():
+        if v:
+            warnings.warn(f"{k} ({v} of {n}): {v} cluster(s) {_FLAG_REASONS[k]}",
+                          OutOfDistributionWarning, stacklevel=3)
+
+
 def infer_catalogue(model: str | Path, data: str | Path, out: str | Path, plots: bool = False,
                     progress: bool = True, strict: bool = False, overwrite: bool = False,
-                    prior: str = "flat") -> Path:
-    """Posteriors for every diagram of a catalogue directory -> ``out/posteriors.parquet``."""
+                    prior: str = "flat", scheduler: str | None = None, batch_size: int | None = None) -> Path:
+    """Posteriors for every diagram of a catalogue directory -> ``out/posteriors.parquet``.
+
+    The catalogue is read, inferred and written ``batch_size`` clusters at a time (default
+    :data:`INFER_BATCH_SIZE`), so peak memory is bounded by the batch, not the catalogue
+    (docs/scaling.md). With ``scheduler`` (``processes:N`` or a Dask scheduler address) the
+    batches are Dask tasks; this process writes them in order, so the file is byte-identical
+    to the serial run. ``prior``: ``flat`` or ``mass-function`` (docs/calibration.md).
+    """
     from .bundle import load_model
 
     bundle = load_model(model)
     identity = {**_inference_identity(bundle, {"data": data}), "prior": prior}
     _guard_posteriors(out, identity, overwrite)
-    cat = read_catalogue(data)
-    table = posterior_table(bundle, cat, progress=progress, prior=prior)
-    return _write_posteriors(bundle, table, out, plots, identity, strict, prior)
+    batches, n = iter_catalogue_batches(data, batch_size or INFER_BATCH_SIZE)
+    tables = _posterior_batches(bundle, ((cat, None) for cat in batches), scheduler, progress, n, prior)
+    return _write_posterior_stream(bundle, tables, out, plots, identity, strict, prior)
 
 
 def infer_sky_tables(model, galaxies, clusters, out, *, plots=False, progress=True, strict=False,
-                     overwrite=False, prior: str = "flat", **column_options) -> Path:
+                     overwrite=False, prior: str = "flat", scheduler: str | None = None,
+                     **column_options) -> Path:
     """Posteriors for clusters given on the sky (RA, Dec, z) with a survey galaxy table.
 
     ``column_options`` go to :func:`clustermass.sky.sky_to_catalogue` (``ra_col``,
@@ -311,12 +547,18 @@ def infer_sky_tables(model, galaxies, clusters, out, *, plots=False, progress=Tr
     _guard_posteriors(out, identity, overwrite)
     gal = read_table(galaxies)
     cl = read_table(clusters)
-    table = infer_sky(bundle, gal, cl, progress=progress, prior=prior, **column_options)
-    return _write_posteriors(bundle, table, out, plots, identity, strict, prior)
+    if scheduler is None:
+        table = infer_sky(bundle, gal, cl, progress=progress, prior=prior, **column_options)
+        return _write_posteriors(bundle, table, out, plots, identity, strict, prior)
+    cat, info = _sky_catalogue(bundle, gal, cl, **column_options)
+    return _write_posterior_stream(bundle, _posterior_batches(
+        bundle, _split_batches(cat, info, INFER_BATCH_SIZE), scheduler, progress, len(cat), prior),
+        out, plots, identity, strict, prior)
 
 
 def infer_authors_sdss(model, cluster_list, galaxy_source, out, *, plots=False, progress=True,
-                       strict=False, overwrite=False, prior: str = "flat") -> Path:
+                       strict=False, overwrite=False, prior: str = "flat",
+                       scheduler: str | None = None) -> Path:
     """Posteriors for the authors' public SDSS input (cluster list + per-cluster x, y, v tables)."""
     from .bundle import load_model
     from .sky import read_authors_sdss
@@ -325,8 +567,12 @@ def infer_authors_sdss(model, cluster_list, galaxy_source, out, *, plots=False, 
     identity = {**_inference_identity(bundle, {"clusters": cluster_list, "galaxies": galaxy_source}), "prior": prior}
     _guard_posteriors(out, identity, overwrite)
     cat = read_authors_sdss(cluster_list, galaxy_source, window=bundle.window)
-    table = posterior_table(bundle, cat, progress=progress, prior=prior)
-    return _write_posteriors(bundle, table, out, plots, identity, strict, prior)
+    if scheduler is None:
+        table = posterior_table(bundle, cat, progress=progress, prior=prior)
+        return _write_posteriors(bundle, table, out, plots, identity, strict, prior)
+    return _write_posterior_stream(bundle, _posterior_batches(
+        bundle, _split_batches(cat, None, INFER_BATCH_SIZE), scheduler, progress, len(cat), prior),
+        out, plots, identity, strict, prior)
 
 
 # ---------------------------------------------------------------------- sky inference
@@ -364,6 +610,12 @@ def infer_sky(bundle, galaxies, clusters, *, progress: bool = False, prior: str 
         One row per cluster: ``id, diagram_id, ra, dec, z, n_gal``, the posterior columns
         (NaN where the cluster has too few galaxies), ``comoving_distance, empty_fraction`` and the flags.
     """
+    cat, info = _sky_catalogue(bundle, galaxies, clusters, **column_options)
+    return posterior_table(bundle, cat, info=info, progress=progress, prior=prior)
+
+
+def _sky_catalogue(bundle, galaxies, clusters, **column_options):
+    """(Catalogue, info) of sky tables, with the bundle's training range as default cuts."""
     rng = training_range(bundle)
     opts = dict(column_options)
     if opts.get("mag_limit") is None:
@@ -375,8 +627,7 @@ def infer_sky(bundle, galaxies, clusters, *, progress: bool = False, prior: str 
         opts["z_range"] = (rng.get("z_min", 0.0), rng["z_max"])
     from .sky import sky_to_catalogue
 
-    cat, info = sky_to_catalogue(galaxies, clusters, bundle.window, **opts)
-    return posterior_table(bundle, cat, info=info, progress=progress, prior=prior)
+    return sky_to_catalogue(galaxies, clusters, bundle.window, **opts)
 
 
 # ---------------------------------------------------------------------- comparison

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from pathlib import Path
 
@@ -38,11 +39,14 @@ def _existing_catalogue_key(out: Path):
         return "unknown"
 
 
-def simulate_stage(cfg: RunConfig, out: Path, progress: bool = True, overwrite: bool = False) -> Catalogue:
+def simulate_stage(cfg: RunConfig, out: Path, progress: bool = True, overwrite: bool = False,
+                   scheduler: str | None = None) -> Catalogue:
     """Simulate the mock catalogue into ``out`` (reused when it exists with the same config and seed).
 
     A catalogue made with other settings or another seed (trained bundles refer to it by hash)
     is only replaced with ``overwrite``. The catalogue streams to disk chunk by chunk, then is read back.
+    ``scheduler`` (``processes:N`` or a Dask scheduler address) runs the chunks as Dask tasks;
+    the files are the same bytes either way.
     """
     from ._io import guard_output
     from .simulate import MODEL_VERSION, simulate_to_directory
@@ -55,13 +59,16 @@ def simulate_stage(cfg: RunConfig, out: Path, progress: bool = True, overwrite: 
         return read_catalogue(out)
     guard_output(out, existing, key, overwrite, "a catalogue")
     simulate_to_directory(cfg.simulation, cfg.window, cfg.seed, out, meta={"config_key": key},
-                          progress=progress)
+                          progress=progress, scheduler=scheduler)
     return read_catalogue(out)
 
 
 def train_stage(cfg: RunConfig, cat: Catalogue, kind: str, out: Path, progress: bool = True,
                 overwrite: bool = False):
-    """Train one network of ``kind`` on the catalogue's train split; the bundle goes to ``out``."""
+    """Train one network of ``kind`` on the catalogue's train split; the bundle goes to ``out``.
+
+    Returns the bundle, or None on a DDP rank > 0 (see :func:`clustermass.training.train_model`).
+    """
     from .training import train_model
 
     training = cfg.training.model_copy(update={"model": kind})
@@ -79,8 +86,14 @@ def calibrate_stage(bundle, cat: Catalogue, calibration: CalibrationConfig, spli
     return bundle
 
 
-def run_pipeline(cfg: RunConfig, out: str | Path, progress: bool = True, overwrite: bool = False) -> dict:
-    """Run every stage of the pipeline for ``cfg`` into directory ``out``; returns the metrics."""
+def run_pipeline(cfg: RunConfig, out: str | Path, progress: bool = True, overwrite: bool = False,
+                 scheduler: str | None = None) -> dict | None:
+    """Run every stage of the pipeline for ``cfg`` into directory ``out``; returns the metrics.
+
+    ``scheduler`` (``processes:N`` or a Dask scheduler address) runs the simulation chunks as
+    Dask tasks; training uses ``cfg.training.devices/num_nodes/strategy`` (Lightning). On the
+    ranks > 0 of a relaunched DDP training the call returns None after the first training.
+    """
     from .evaluation import evaluate
     from .report import build_report
 
@@ -91,15 +104,20 @@ def run_pipeline(cfg: RunConfig, out: str | Path, progress: bool = True, overwri
 
     t0 = time.perf_counter()
     _log("1/5 simulate", progress)
-    cat = simulate_stage(cfg, out / "catalogue", progress, overwrite=overwrite)
+    cat = simulate_stage(cfg, out / "catalogue", progress, overwrite=overwrite, scheduler=scheduler)
     timings["simulate_s"] = time.perf_counter() - t0
 
     kinds = [cfg.training.model] + [k for k in cfg.evaluation.comparison_models if k != cfg.training.model]
+    relaunched_for = os.environ.get("CLUSTERMASS_DDP_KIND")  # training.DDP_KIND_ENV
+    if relaunched_for in kinds:  # a process Lightning relaunched (DDP) to train this one model
+        kinds = [relaunched_for]
     bundles = {}
     for kind in kinds:
         t0 = time.perf_counter()
         _log(f"2/5 train {kind}", progress)
         bundles[kind] = train_stage(cfg, cat, kind, out / "models" / kind, progress, overwrite=overwrite)
+        if bundles[kind] is None:  # a DDP rank > 0 (rank 0 carries on with the other stages)
+            return None
         timings[f"train_{kind}_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         _log(f"3/5 calibrate {kind} on the test split", progress)

@@ -21,6 +21,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import shutil
 import time
 import warnings
@@ -70,11 +71,26 @@ def halo_split(catalogue: Catalogue, rows, val_fraction: float, seed: int) -> tu
     return np.sort(rows[~is_val]), np.sort(rows[is_val])
 
 
+def _rank_world() -> tuple[int, int]:
+    """(rank, world size) of the running torch.distributed process group; (0, 1) without one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 class EpochBatchSampler(torch.utils.data.Sampler):
     """Shuffled index batches; the order of epoch ``e`` depends only on (seed, e).
 
     That makes a resumed run draw exactly the batches an uninterrupted one would
     (Lightning calls :meth:`set_epoch` before every epoch).
+
+    Under DDP (a torch.distributed process group of W ranks) every rank walks the same batches
+    and keeps its 1/W slice of each (``numpy.array_split``; a batch smaller than W goes whole to
+    every rank), so each optimiser step sees the single-device batch: DDP's gradient average
+    equals the single-device gradient up to floating-point reduction order (exactly so when W
+    divides the batch).
     """
 
     def __init__(self, n: int, batch_size: int, seed: int, shuffle: bool = True, dataset=None) -> None:
@@ -95,8 +111,12 @@ class EpochBatchSampler(torch.utils.data.Sampler):
             np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
             if self.shuffle else np.arange(self.n)
         )
+        rank, world = _rank_world()
         for i in range(0, self.n, self.batch_size):
-            yield order[i : i + self.batch_size].tolist()
+            batch = order[i : i + self.batch_size]
+            if world > 1 and len(batch) >= world:
+                batch = np.array_split(batch, world)[rank]
+            yield batch.tolist()
 
 
 class _TensorBatches(torch.utils.data.Dataset):
@@ -181,6 +201,37 @@ def build_inputs(dataset, batch_size: int = 256, num_workers: int = 0, progress:
     return xs, ys
 
 
+def build_inputs_memmap(dataset, path: Path, batch_size: int = 256, num_workers: int = 0,
+                        progress: bool = False, desc: str = "phase-space grids") -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`build_inputs` into a ``.npy`` file at ``path``, memory-mapped: same values, but
+    only one batch of grids is ever in memory (x is a tensor view of the mapped file)."""
+    import os
+
+    from tqdm.auto import tqdm
+
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
+                                         num_workers=num_workers)
+    path = Path(path)
+    tmp = path.with_name(path.name + ".part")
+    mm, ys, i = None, torch.empty(len(dataset), dtype=torch.float32), 0
+    with tqdm(total=len(dataset), desc=desc, unit="diagram", disable=not progress, leave=False) as bar:
+        for x, y in loader:
+            if mm is None:
+                mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32,
+                                               shape=(len(dataset),) + tuple(x.shape[1:]))
+            mm[i : i + len(y)] = x.numpy()
+            ys[i : i + len(y)] = torch.as_tensor(y, dtype=torch.float32)
+            i += len(y)
+            bar.update(len(y))
+    if mm is None:
+        raise ClustermassError("no diagrams to build grids for")
+    mm.flush()
+    del mm
+    os.replace(tmp, path)
+    # copy-on-write mapping: writable for torch, never written back
+    return torch.from_numpy(np.load(path, mmap_mode="c")), ys
+
+
 # ---------------------------------------------------------------------- lightning
 def _lightning():
     import lightning.pytorch as pl
@@ -223,7 +274,9 @@ def _make_module(network: nn.Module, lr: float, betas, channels_last: bool):
 
         def validation_step(self, batch, batch_idx):
             loss, n = self._loss(batch)
-            self.log("val_loss", loss, on_step=False, on_epoch=True, batch_size=n)
+            # under DDP each rank sees a slice of every batch: average over the ranks
+            self.log("val_loss", loss, on_step=False, on_epoch=True, batch_size=n,
+                     sync_dist=self.trainer.world_size > 1)
 
         def train_loss_epoch(self) -> float:
             return self._sse / max(self._n, 1)
@@ -232,6 +285,11 @@ def _make_module(network: nn.Module, lr: float, betas, channels_last: bool):
             return torch.optim.Adam(self.parameters(), lr=lr, betas=tuple(betas))
 
     return Regressor()
+
+
+#: the History rows, as a (epochs, len(HISTORY_KEYS)) tensor in ``trainer.callback_metrics`` under DDP
+HISTORY_METRIC = "_clustermass_history"
+HISTORY_KEYS = ("epoch", "train_loss", "val_loss", "train_s", "val_s", "train_cpu_s")
 
 
 def _make_history_callback(total_epochs: int, progress: bool, desc: str):
@@ -250,7 +308,7 @@ def _make_history_callback(total_epochs: int, progress: bool, desc: str):
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=total_epochs, initial=len(self.rows), desc=desc, unit="epoch",
-                            disable=not progress, dynamic_ncols=True)
+                            disable=not progress or trainer.global_rank != 0, dynamic_ncols=True)
 
         def on_train_epoch_start(self, trainer, pl_module) -> None:
             self._t0 = self._t1 = time.perf_counter()
@@ -264,7 +322,13 @@ def _make_history_callback(total_epochs: int, progress: bool, desc: str):
                 return
             val = float(trainer.callback_metrics["val_loss"])
             now = time.perf_counter()
-            row = {"epoch": trainer.current_epoch + 1, "train_loss": pl_module.train_loss_epoch(),
+            train_loss = pl_module.train_loss_epoch()
+            if trainer.world_size > 1:  # every rank saw a slice of each batch: sum over ranks
+                tot = trainer.strategy.reduce(torch.tensor([pl_module._sse, float(pl_module._n)],
+                                                           dtype=torch.float64, device=pl_module.device),
+                                              reduce_op="sum")
+                train_loss = float(tot[0] / max(float(tot[1]), 1.0))
+            row = {"epoch": trainer.current_epoch + 1, "train_loss": train_loss,
                    "val_loss": val, "train_s": round(self._t1 - self._t0, 4), "val_s": round(now - self._t1, 4),
                    "train_cpu_s": round(self._c1 - self._c0, 4)}
             self.rows = [r for r in self.rows if r["epoch"] < row["epoch"]] + [row]
@@ -277,6 +341,9 @@ def _make_history_callback(total_epochs: int, progress: bool, desc: str):
         def on_fit_end(self, trainer, pl_module) -> None:
             if self.bar is not None:
                 self.bar.close()
+            if trainer.world_size > 1:  # ddp_fork: only callback_metrics travel back to the parent
+                trainer.callback_metrics[HISTORY_METRIC] = torch.tensor(
+                    [[float(r[k]) for k in HISTORY_KEYS] for r in self.rows], dtype=torch.float64)
 
         def on_exception(self, trainer, pl_module, exception) -> None:
             self.on_fit_end(trainer, pl_module)
@@ -305,6 +372,8 @@ def _quiet_lightning():
             warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
             warnings.filterwarnings("ignore", message=r".*number of training batches.*")
             warnings.filterwarnings("ignore", message=r".*Checkpoint directory.*exists.*")
+            # DDP with channels-last weights: harmless (gradients are copied into the buckets)
+            warnings.filterwarnings("ignore", message=r".*Grad strides do not match bucket view.*")
             yield
     finally:
         for lg, lv in zip(loggers, levels, strict=True):
@@ -320,9 +389,41 @@ def _precision(training: TrainingConfig, cuda: bool) -> str:
     return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
 
 
+#: set during a multi-device fit, so the processes Lightning relaunches know which model they train
+DDP_KIND_ENV = "CLUSTERMASS_DDP_KIND"
+#: what Lightning's process launcher writes into the launching process's environment
+_LAUNCH_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
+
+
+def _strategy(training: TrainingConfig) -> str:
+    """Lightning strategy: ``auto`` on one device, else the configured one (``auto`` -> ``ddp``)."""
+    if training.devices * training.num_nodes == 1:
+        return training.strategy if training.strategy != "auto" else "auto"
+    return "ddp" if training.strategy == "auto" else training.strategy
+
+
+def _launch_rank(training: TrainingConfig) -> int:
+    """Global rank of this process in the training that is being launched (0 on one device).
+
+    Read the way Lightning will: torchrun/torchelastic (RANK), Slurm (SLURM_PROCID, under
+    srun), else LOCAL_RANK/NODE_RANK (set by Lightning for the processes it relaunches;
+    unset, i.e. rank 0, in the launching process and under ddp_fork).
+    """
+    if training.devices * training.num_nodes == 1:
+        return 0
+    from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
+
+    if TorchElasticEnvironment.detect():
+        return int(os.environ["RANK"])
+    if SLURMEnvironment.detect():
+        return int(os.environ["SLURM_PROCID"])
+    return int(os.environ.get("NODE_RANK", 0)) * training.devices + int(os.environ.get("LOCAL_RANK", 0))
+
+
 def _run_fingerprint(kind, arch, window, kde, training, seed, data_hash) -> dict:
     tr = training.model_dump(mode="json")
-    for k in ("max_epochs", "patience", "num_workers", "cache_max_gb"):
+    # how many devices train does not change the result (up to reduction order): resumable anywhere
+    for k in ("max_epochs", "patience", "num_workers", "cache_max_gb", "devices", "num_nodes", "strategy"):
         tr.pop(k, None)
     return {"kind": kind, "arch": arch, "window": window.model_dump(mode="json"),
             "kde": kde.model_dump(mode="json"), "training": tr, "seed": int(seed), "data_hash": data_hash}
@@ -409,7 +510,15 @@ def train_model(
 
     Returns
     -------
-    ModelBundle holding the best-validation-loss weights (also saved in ``out_dir``).
+    ModelBundle holding the best-validation-loss weights (also saved in ``out_dir``); None on
+    the ranks > 0 of a multi-process (DDP) training, where rank 0 writes the bundle.
+
+    Notes
+    -----
+    ``training.devices``, ``num_nodes`` and ``strategy`` go to Lightning's Trainer. Under DDP the
+    data are sharded by batch slices (:class:`EpochBatchSampler`): the global batch stays
+    ``batch_size``, so results equal the single-device run up to floating-point reduction order.
+    Each process builds the grid cache for itself (forked children share the parent's).
     """
     pl = _lightning()
     t0 = time.perf_counter()
@@ -457,10 +566,12 @@ def train_model(
         elif resume or not state.get("completed", False):
             ckpt_path = last
     guard_output(out_dir, _existing_fingerprint(out_dir), fingerprint, overwrite, "a model bundle")
-    if ckpt_path is None and ckpt_dir.exists():
-        shutil.rmtree(ckpt_dir)
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(run_file, {"fingerprint": fingerprint, "completed": False})
+    rank = _launch_rank(training)  # under DDP only rank 0 touches the output directory
+    if rank == 0:
+        if ckpt_path is None and ckpt_dir.exists():
+            shutil.rmtree(ckpt_dir)
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(run_file, {"fingerprint": fingerprint, "completed": False})
 
     pl.seed_everything(seed, workers=True, verbose=False)
     network = build_network(kind, kde.n_grid, **arch_full, target_mean=t_mean, target_std=t_std)
@@ -472,25 +583,41 @@ def train_model(
 
     # ---- data
     device = torch.device("cuda") if cuda else torch.device("cpu")
+    multi = training.devices * training.num_nodes > 1
     n_cells = kde.n_grid ** KIND_DIMS[kind]
     cache_gb = (len(train_rows) + len(val_rows)) * n_cells * 4 / 1e9
     # sky-plane symmetries change only the 3D cubes; (R_proj, v) and v are invariant
     augment = training.augment if kind == "cnn3d" else "none"
     rebuild = augment == "rotate"  # galaxies rotated every epoch: no fixed cubes
     use_cache = training.cache_inputs and not rebuild and cache_gb <= training.cache_max_gb
+    # larger than the in-memory budget: the grids are built once into a memory-mapped file and
+    # read back batch by batch (the OS pages them in and out), so training data may exceed RAM
+    use_memmap = training.cache_inputs and not rebuild and not use_cache
+    # one file per launched process, beside (not inside) checkpoints/, which rank 0 may clear
+    memmap_file = out_dir / f".grids-rank{rank}.npy"
     nw = training.num_workers
     train_base = None
     if use_cache:
         both = _dataset(catalogue, np.concatenate([train_rows, val_rows]), kind, window, kde)
         x, y = build_inputs(both, batch_size=max(training.batch_size, 64), num_workers=nw,
                             progress=progress, desc=f"{kind} grids")
-        if cuda and cache_gb < 0.5 * torch.cuda.mem_get_info()[0] / 1e9:
+        if cuda and not multi and cache_gb < 0.5 * torch.cuda.mem_get_info()[0] / 1e9:
             x, y = x.to(device), y.to(device)
         n_tr = len(train_rows)
         symmetries = augment == "d4"
         train_set = _TensorBatches(x[:n_tr], y[:n_tr], symmetries=symmetries, seed=seed)
         val_set = _TensorBatches(x[n_tr:], y[n_tr:])
         train_base = train_set  # receives set_epoch (symmetry draws per epoch)
+        workers = {"num_workers": 0}
+    elif use_memmap:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        both = _dataset(catalogue, np.concatenate([train_rows, val_rows]), kind, window, kde)
+        x, y = build_inputs_memmap(both, memmap_file, batch_size=max(training.batch_size, 64),
+                                   num_workers=nw, progress=progress, desc=f"{kind} grids (disk)")
+        n_tr = len(train_rows)
+        train_set = _TensorBatches(x[:n_tr], y[:n_tr], symmetries=augment == "d4", seed=seed)
+        val_set = _TensorBatches(x[n_tr:], y[n_tr:])
+        train_base = train_set
         workers = {"num_workers": 0}
     else:
         train_base = _dataset(catalogue, train_rows, kind, window, kde,
@@ -517,18 +644,52 @@ def train_model(
                            save_top_k=1, save_last=True, enable_version_counter=False)
     with _quiet_lightning():
         trainer = pl.Trainer(
-            max_epochs=training.max_epochs, accelerator="gpu" if cuda else "cpu", devices=1,
+            max_epochs=training.max_epochs, accelerator="gpu" if cuda else "cpu",
+            devices=training.devices, num_nodes=training.num_nodes, strategy=_strategy(training),
             precision=precision, callbacks=[history, early, ckpt], logger=False,
             enable_model_summary=False, enable_progress_bar=False, num_sanity_val_steps=0,
             deterministic=not cuda, benchmark=cuda, use_distributed_sampler=False,
             log_every_n_steps=1, default_root_dir=out_dir,
         )
-        trainer.fit(module, train_loader, val_loader, ckpt_path=ckpt_path)
+        # processes that Lightning relaunches (strategy ddp) rerun the command from the start;
+        # `run` reads this to train only this model in them (see pipeline.run_pipeline)
+        # Lightning launches the processes itself when LOCAL_RANK is unset; it then leaves
+        # MASTER_PORT, LOCAL_RANK, ... in this process's environment, which would make the next
+        # multi-device training of `run` believe it was launched externally: restore them after
+        own_launch = multi and "LOCAL_RANK" not in os.environ
+        saved_env = {k: os.environ.get(k) for k in _LAUNCH_ENV + (DDP_KIND_ENV,)}
+        if own_launch:
+            os.environ[DDP_KIND_ENV] = kind
+        try:
+            trainer.fit(module, train_loader, val_loader, ckpt_path=ckpt_path)
+        finally:
+            if own_launch:
+                for k, v in saved_env.items():
+                    if v is None:
+                        os.environ.pop(k, None)
+                    else:
+                        os.environ[k] = v
+    if multi and torch.distributed.is_available() and torch.distributed.is_initialized():
+        # the ranks relaunched for this fit end with it: a later training (the next model of
+        # `run`) starts a new process group with new ranks
+        torch.distributed.destroy_process_group()
     if trainer.interrupted:
         raise ClustermassError(f"training interrupted; run again with the same --out to resume from {last}")
+    if trainer.global_rank != 0:  # DDP: the other ranks are done; rank 0 writes the bundle
+        if use_memmap:
+            del train_set, val_set, train_loader, val_loader, x, y
+            memmap_file.unlink(missing_ok=True)
+        return None
 
     # ---- restore the best weights
+    if multi and HISTORY_METRIC in trainer.callback_metrics:  # ddp_fork trained in child processes
+        table = np.asarray(trainer.callback_metrics[HISTORY_METRIC], dtype=np.float64).reshape(-1, len(HISTORY_KEYS))
+        history.rows = [{k: (int(v) if k == "epoch" else float(v)) for k, v in zip(HISTORY_KEYS, row, strict=True)}
+                        for row in table]
+        if not ckpt.best_model_path and (ckpt_dir / "best.ckpt").is_file():
+            ckpt.best_model_path = str(ckpt_dir / "best.ckpt")
     hist = history.rows
+    stopped_early = early.stopped_epoch > 0 or (multi and len(hist) < training.max_epochs)
     if not hist or not np.isfinite([r["val_loss"] for r in hist]).any():
         raise ClustermassError(
             f"training diverged: the validation loss was never finite (lr = {training.lr:g}); "
@@ -543,6 +704,9 @@ def train_model(
         raise ClustermassError("training diverged: the best weights hold NaN/inf; lower training.lr; no bundle written")
     best_i = int(np.nanargmin([r["val_loss"] if np.isfinite(r["val_loss"]) else np.inf for r in hist]))
     write_json_atomic(run_file, {"fingerprint": fingerprint, "completed": True})
+    if use_memmap:
+        del train_set, val_set, train_loader, val_loader, x, y
+        memmap_file.unlink(missing_ok=True)
 
     import lightning
 
@@ -571,11 +735,11 @@ def train_model(
             "epochs_run": int(len(hist)),
             "best_epoch": int(hist[best_i]["epoch"]),
             "best_val_loss": float(hist[best_i]["val_loss"]),
-            "stopped_early": bool(early.stopped_epoch > 0),
+            "stopped_early": bool(stopped_early),
             "history": hist,
             "precision": precision,
             "device": "cuda" if cuda else "cpu",
-            "inputs_cached": bool(use_cache),
+            "inputs_cached": "disk" if use_memmap else bool(use_cache),
             "wall_s": round(time.perf_counter() - t0, 3),
         },
         "versions": {"clustermass": __version__, "torch": torch.__version__,
