@@ -139,8 +139,11 @@ class CalibrationConfig(_Section):
                     "redshift z, log10 of the galaxies in the window; auto: the sharpest of "
                     "[d_pred, z, log_n_gal], [d_pred, z], [d_pred] that passes a cross-validated "
                     "calibration check on the calibration split (paper: [d_pred])")
-    bandwidth: float = Field(0.30, gt=0, description="scipy bw_method factor of the joint KDE (paper, "
-                                                      "d_pred only: 0.20)")
+    bandwidth: float = Field(0.40, gt=0, description="scipy bw_method factor of the joint KDE (paper, "
+                                                      "d_pred only: 0.20); 0.40 is the smallest whose "
+                                                      "halo-grouped cross-validated coverage on the "
+                                                      "calibration split is not overconfident "
+                                                      "(scripts/bandwidth_cv.py, docs/calibration.md)")
     min_neighbours: float = Field(
         5.0, gt=0, description="kernel weight of calibration pairs below which a prediction is out of range"
     )

@@ -3,8 +3,9 @@ inference batches.
 
 ``--scheduler`` takes
 
-- ``processes:N``: a :class:`distributed.LocalCluster` of N single-threaded worker processes,
-  started for the command and closed after it;
+- ``processes:N``: a :class:`distributed.LocalCluster` of N worker processes with one task
+  thread each (and this process's BLAS threading, so floating-point reductions round as in the
+  serial run), started for the command and closed after it;
 - ``threads:N``: the same with N threads in one process (handy for debugging);
 - a scheduler address (``tcp://host:8786``, ``tls://...``, ``ws://...``) or ``HOST:PORT`` of an
   existing Dask cluster, e.g. one started with dask-jobqueue on Slurm (docs/scaling.md).
@@ -72,13 +73,28 @@ def dask_client(spec: str | None):
         with client:
             yield client
         return
-    # single-threaded worker processes keep torch/BLAS from oversubscribing the cores
+    # one task thread per worker process; BLAS in the workers keeps the threading of this process
+    # (Dask's default is 1 thread): BLAS reductions split over another number of threads round
+    # differently (1e-15), and the outputs must be the serial run's bytes
     procs = kind == "processes"
-    with distributed.LocalCluster(n_workers=int(arg) if procs else 1,
-                                  threads_per_worker=1 if procs else int(arg), processes=procs,
-                                  dashboard_address=None, silence_logs=50) as cluster, \
+    import dask
+
+    environ = {**dask.config.get("distributed.nanny.pre-spawn-environ", {}), **_blas_threads()}
+    with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}), \
+            distributed.LocalCluster(n_workers=int(arg) if procs else 1,
+                                     threads_per_worker=1 if procs else int(arg), processes=procs,
+                                     dashboard_address=None, silence_logs=50) as cluster, \
             distributed.Client(cluster) as client:
         yield client
+
+
+def _blas_threads() -> dict[str, str]:
+    """This process's BLAS/OpenMP thread settings (default: one thread per usable core)."""
+    import os
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return {k: os.environ.get(k, str(cores)) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS",
+                                                       "OPENBLAS_NUM_THREADS")}
 
 
 def n_workers(client) -> int:
