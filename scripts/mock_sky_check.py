@@ -4,8 +4,12 @@ Simulates a mock sky, infers masses with a calibrated bundle from the sky tables
 compares with the true masses (residuals, coverage, normalised contrast) and the mass function
 with its input. Prints a JSON summary; with --figures DIR also writes the figures.
 
+With --priors it also compares the two mass priors on the same sky, whose clusters follow the
+mass function: the mean of (posterior median - true mass) in bins of the posterior median, which
+is ~0 where the posterior is right for that population (no Eddington bias).
+
 Usage: python scripts/mock_sky_check.py --model runs/quick/models/cnn3d [--area 3000] [--seed 7]
-       [--figures docs/img/real-data] [--out runs/mock_sky_check]
+       [--figures docs/img/real-data] [--out runs/mock_sky_check] [--priors]
 """
 
 from __future__ import annotations
@@ -32,12 +36,14 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--out", type=Path, default=Path("runs/mock_sky_check"))
     ap.add_argument("--figures", type=Path, default=None, help="also copy the figures here")
+    ap.add_argument("--priors", action="store_true", help="compare --prior flat and mass-function")
     args = ap.parse_args()
 
     sim = load_config("quick").simulation
     bundle = load_model(args.model)
     gal, clusters, _ = simulate_sky(area_deg2=args.area, distance_max=sim.distance_max,
-                                    mag_limit=sim.mag_limit, log_m_min=sim.log_m_min, seed=args.seed)
+                                    mag_limit=sim.mag_limit, log_m_min=sim.log_m_min, seed=args.seed,
+                                    survey=sim.survey)
     post = infer_sky(bundle, gal, clusters, mag_col="mag_r")
     post = post.merge(clusters[["id", "log_m200c_true"]], on="id", how="left")
     ok = np.isfinite(post["log_m_median"].to_numpy(float))
@@ -67,6 +73,8 @@ def main() -> None:
         "massfunction_ratio_14.1_14.8": [float(ratio.min()), float(ratio.max())],
         "massfunction_input_within_band_14.1_14.8": float(within.mean()),
     }
+    if args.priors:
+        result["prior_bias_by_median_bin"] = prior_comparison(bundle, gal, clusters)
     args.out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(args.out / "mock_sky_check.json", result)
     print(json.dumps(result, indent=2))
@@ -74,6 +82,28 @@ def main() -> None:
         save_figure(plot_contrast_histogram(table), args.figures / "contrast_histogram.png")
         save_figure(plot_mass_comparison(table), args.figures / "mass_comparison.png")
         save_figure(plot_mass_function(mf, log_m_min=14.1), args.figures / "mass_function.png")
+
+
+def prior_comparison(bundle, gal, clusters, edges=(13.7, 13.9, 14.1, 14.3, 14.5, 14.8, 15.2)) -> dict:
+    """Mean (posterior median - true) [dex] in bins of the posterior median, for both priors."""
+    out = {"edges": list(edges)}
+    print("| bin of posterior median | n | flat: mean(median - true) | mass-function: mean(median - true) |")
+    print("|---|---|---|---|")
+    rows = {}
+    for prior in ("flat", "mass-function"):
+        post = infer_sky(bundle, gal, clusters, mag_col="mag_r", prior=prior)
+        post = post.merge(clusters[["id", "log_m200c_true"]], on="id", how="left")
+        med, truth = post["log_m_median"].to_numpy(float), post["log_m200c_true"].to_numpy(float)
+        ok = np.isfinite(med)
+        idx = np.digitize(med[ok], edges) - 1
+        d = med[ok] - truth[ok]
+        rows[prior] = [(int((idx == i).sum()), float(d[idx == i].mean()) if (idx == i).any() else float("nan"))
+                       for i in range(len(edges) - 1)]
+        out[prior] = {"n": [r[0] for r in rows[prior]], "mean_median_minus_true": [r[1] for r in rows[prior]]}
+    for i in range(len(edges) - 1):
+        print(f"| {edges[i]:.1f}-{edges[i + 1]:.1f} | {rows['flat'][i][0]} / {rows['mass-function'][i][0]} "
+              f"| {rows['flat'][i][1]:+.3f} | {rows['mass-function'][i][1]:+.3f} |")
+    return out
 
 
 if __name__ == "__main__":

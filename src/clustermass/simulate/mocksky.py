@@ -77,7 +77,7 @@ def simulate_sky(area_deg2: float = 300.0, distance_max: float = 250.0, mag_limi
                  log_m_halo_min: float = 11.3, log_m_halo_max: float = 15.6,
                  margin: float | None = None, sigma_v_halo: float = 300.0,
                  mag_abs_faintest: float = -16.0, clustered: bool = True, chunk: int = 20000,
-                 progress: bool = False) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+                 survey: str = "sdss", progress: bool = False) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """Simulate a flux-limited galaxy survey and its cluster list in a cone.
 
     Parameters
@@ -103,6 +103,11 @@ def simulate_sky(area_deg2: float = 300.0, distance_max: float = 250.0, mag_limi
         Add the excess of halos correlated with each cluster (the simulator's neighbour model,
         thinned to ``b_cl b xi / (1 + b_cl b xi)`` since the uniform halos supply the mean):
         the clustered interlopers of the training mocks. They are not in the cluster list.
+    survey : {'sdss', 'desi-bgs', 'paper'}
+        Spectroscopic selection of the flux-limited targets, as in the training mocks
+        (:data:`clustermass.simulate.observe.SURVEYS`): fibre collisions (pairs closer than the
+        fibre radius on the sky lose one redshift with the survey's pair-loss probability) and
+        random incompleteness; the clusters' central galaxies always keep theirs.
 
     Returns
     -------
@@ -176,6 +181,9 @@ def simulate_sky(area_deg2: float = 300.0, distance_max: float = 250.0, mag_limi
     cl_h = np.flatnonzero(is_cl & (cen_row >= 0))
     cr = cen_row[cl_h]
     visible = (mag <= mag_limit) & inside
+    protect = np.zeros(len(h), dtype=bool)
+    protect[cen_row[cl_h]] = True
+    visible &= _spectroscopic_selection(ra, dec, visible, protect, survey, rng)
     n_obs = np.bincount(h[visible], minlength=nh)
     clusters = pd.DataFrame({
         "id": np.arange(1, len(cl_h) + 1, dtype=np.int64),
@@ -201,11 +209,39 @@ def simulate_sky(area_deg2: float = 300.0, distance_max: float = 250.0, mag_limi
         "sigma_v_halo": sigma_v_halo, "mass_function": "tinker08", "mass_function_z": 0.0,
         "cosmology": cosmology.SIMULATION_COSMOLOGY, "n_halos": int(nh),
         "n_background_halos": int(n_background), "clustered": bool(clustered),
-        "n_galaxies": int(len(galaxies)), "n_clusters": int(len(clusters)),
+        "n_galaxies": int(len(galaxies)), "n_clusters": int(len(clusters)), "survey": survey,
     }
     for df in (galaxies, clusters, halos):
         df.attrs.update(attrs)
     return galaxies, clusters, halos
+
+
+def _spectroscopic_selection(ra, dec, target, protect, survey: str, rng) -> np.ndarray:
+    """Which galaxies get a redshift (mask over all rows; only ``target`` rows can): fibre
+    collisions on the sky and random incompleteness of the survey setting (the training mocks'
+    rule, :func:`clustermass.simulate.observe.spectroscopic_selection`, in angles)."""
+    from scipy.spatial import cKDTree
+
+    from .observe import ARCSEC, SURVEYS
+
+    if survey not in SURVEYS:
+        raise ClustermassError(f"unknown survey {survey!r}; one of {', '.join(SURVEYS)}")
+    par = SURVEYS[survey]
+    ok = np.ones(len(ra), dtype=bool)
+    idx = np.flatnonzero(target)
+    if len(idx) > 1 and par["fibre_arcsec"] > 0 and par["pair_loss"] > 0:
+        r, d = np.radians(ra[idx]), np.radians(dec[idx])
+        xyz = np.column_stack([np.cos(d) * np.cos(r), np.cos(d) * np.sin(r), np.sin(d)])
+        pairs = cKDTree(xyz).query_pairs(2.0 * np.sin(par["fibre_arcsec"] * ARCSEC / 2.0), output_type="ndarray")
+        if len(pairs):
+            lose = rng.random(len(pairs)) < par["pair_loss"]
+            pick = np.where(rng.random(len(pairs)) < 0.5, pairs[:, 0], pairs[:, 1])
+            alt = np.where(pick == pairs[:, 0], pairs[:, 1], pairs[:, 0])
+            victim = np.where(protect[idx[pick]], alt, pick)[lose]
+            ok[idx[victim]] = False
+    if par["completeness"] < 1:
+        ok[idx] &= rng.random(len(idx)) < par["completeness"]
+    return ok | protect
 
 
 def _clustered_neighbours(log_m_cl, pos_cl, vel_cl, z_cl, log_m_floor: float, rng,
@@ -255,7 +291,8 @@ def write_mock_sky(out, area_deg2: float = 300.0, sim=None, seed: int = 0, progr
 
     opts = {}
     if sim is not None:
-        opts = {"distance_max": sim.distance_max, "mag_limit": sim.mag_limit, "log_m_min": sim.log_m_min}
+        opts = {"distance_max": sim.distance_max, "mag_limit": sim.mag_limit, "log_m_min": sim.log_m_min,
+                "survey": sim.survey}
     opts.update(kwargs)
     gal, cl, halos = simulate_sky(area_deg2=area_deg2, seed=seed, progress=progress, **opts)
     out = Path(out)
