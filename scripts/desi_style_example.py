@@ -31,8 +31,9 @@ def make_tables(out: Path, area_deg2: float = 100.0, seed: int = 3) -> tuple[Pat
     rng = np.random.default_rng(seed)
     gal, cl, _ = simulate_sky(area_deg2=area_deg2, seed=seed, progress=False)
     flux = 10 ** ((22.5 - gal["mag_r"].to_numpy()) / 2.5)  # nanomaggies
-    centrals = gal["is_central"].to_numpy(bool) if "is_central" in gal else np.zeros(len(gal), bool)
-    flux[centrals] = np.nan  # photometry missing for the brightest galaxies
+    # photometry missing for the clusters' central galaxies (the brightest ones)
+    centrals = gal["is_central"].to_numpy(bool) & np.isin(gal["halo_index"], cl["halo_index"])
+    flux[centrals] = np.nan
     g = Table({"targetid": np.arange(len(gal)), "mean_fiber_ra": gal["ra"].to_numpy(),
                "mean_fiber_dec": gal["dec"].to_numpy(), "z": gal["z"].to_numpy(), "flux_r": flux})
     g["mean_fiber_ra"].unit = g["mean_fiber_dec"].unit = "deg"
