@@ -226,6 +226,8 @@ def main() -> None:
     ap.add_argument("--ddp-epochs", type=int, default=3)
     ap.add_argument("--gpu", action="store_true", help="also time paper-scale training on a GPU")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "scale.json")
+    ap.add_argument("--parts", nargs="+", choices=["simulate", "ddp", "rss"], default=["simulate", "ddp", "rss"],
+                    help="which measurements to run (default: all)")
     args = ap.parse_args()
     if args.quick:
         args.sizes, args.batch_size = [10_000, 100_000, 300_000], 10_000
@@ -233,9 +235,9 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="clustermass-scale-"))
     t_all = time.perf_counter()
     try:
-        sim = bench_simulate(tmp, args.sim_diagrams, workers=2)
-        ddp = bench_ddp(tmp, args.ddp_epochs)
-        rss = bench_infer_rss(tmp, args.sizes, args.batch_size)
+        sim = bench_simulate(tmp, args.sim_diagrams, workers=2) if "simulate" in args.parts else None
+        ddp = bench_ddp(tmp, args.ddp_epochs) if "ddp" in args.parts else None
+        rss = bench_infer_rss(tmp, args.sizes, args.batch_size) if "rss" in args.parts else []
         gpu = bench_gpu(tmp) if args.gpu else {"status": "pending: no GPU lent to this run"}
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -247,13 +249,15 @@ def main() -> None:
               "python": platform.python_version()}
     write_json_atomic(args.out, result)
 
-    print(f"simulate {sim['n_diagrams']} diagrams: serial {sim['serial_s']:.1f} s, Dask {sim['workers']} workers "
-          f"{sim['dask_s']:.1f} s (+ {sim['local_cluster_startup_s']:.1f} s LocalCluster start, "
-          f"{sim['worker_warmup_s']:.1f} s warm-up) -> speedup "
-          f"{sim['dask_speedup']:.2f}x ({sim['dask_speedup_incl_startup']:.2f}x with the start); "
-          f"same bytes: {sim['same_bytes']}")
-    print(f"DDP 2 CPU processes (gloo) vs 1: total {ddp['ratio_total']:.2f}x time, epochs {ddp['ratio_epochs']:.2f}x; "
-          f"max relative loss difference {ddp['max_rel_loss_difference']:.1e}")
+    if sim:
+        print(f"simulate {sim['n_diagrams']} diagrams: serial {sim['serial_s']:.1f} s, Dask {sim['workers']} workers "
+              f"{sim['dask_s']:.1f} s (+ {sim['local_cluster_startup_s']:.1f} s LocalCluster start, "
+              f"{sim['worker_warmup_s']:.1f} s warm-up) -> speedup "
+              f"{sim['dask_speedup']:.2f}x ({sim['dask_speedup_incl_startup']:.2f}x with the start); "
+              f"same bytes: {sim['same_bytes']}")
+    if ddp:
+        print(f"DDP 2 CPU processes (gloo) vs 1: total {ddp['ratio_total']:.2f}x time, epochs "
+              f"{ddp['ratio_epochs']:.2f}x; max relative loss difference {ddp['max_rel_loss_difference']:.1e}")
     print(f"{'clusters':>10} {'peak RSS [MB]':>14} {'infer [s]':>10} {'clusters/s':>11}")
     for r in rss:
         print(f"{r['n_clusters']:>10} {r['peak_rss_mb']:>14.0f} {r['infer_s']:>10.1f} {r['clusters_per_s']:>11.0f}"
