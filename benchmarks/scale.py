@@ -69,30 +69,15 @@ def synthetic_catalogue(directory: Path, n: int, n_gal: int = 6, chunk: int = 10
 
 
 def tiny_bundle(path: Path, kind: str = "cnn1d", n_grid: int = 16, seed: int = 0):
-    """A calibrated bundle without training (random weights; calibration pairs around its outputs)."""
-    import torch
-
-    from clustermass.bundle import BUNDLE_FORMAT, BUNDLE_VERSION, ModelBundle
+    """A calibrated bundle without training: the test suite's (random weights, calibration pairs
+    around its outputs on 400 synthetic clusters)."""
     from clustermass.catalog import read_catalogue
-    from clustermass.config import KDEConfig, WindowConfig
-    from clustermass.networks import build_network, default_arch
 
-    torch.manual_seed(seed)
-    window, kde = WindowConfig(), KDEConfig(n_grid=n_grid, bandwidth=0.5)
-    arch = default_arch(kind)
-    net = build_network(kind, n_grid, **arch, target_mean=14.4, target_std=0.4)
-    meta = {"format": BUNDLE_FORMAT, "format_version": BUNDLE_VERSION, "kind": kind,
-            "architecture": {"kind": kind, "n_grid": n_grid, "arch": arch},
-            "preprocessing": {"window": window.model_dump(mode="json"), "kde": kde.model_dump(mode="json"),
-                              "target": {"mean": 14.4, "std": 0.4}},
-            "calibration": None}
-    bundle = ModelBundle(kind, window, kde, net, meta)
-    bundle.save(path)
+    sys.path.insert(0, str(HERE.parent / "tests"))
+    from test_scale import tiny_bundle as untrained_calibrated_bundle
+
     cal = synthetic_catalogue(path.parent / "calibration_catalogue", 400, seed=seed + 1)
-    d = bundle.predict(read_catalogue(cal))
-    rng = np.random.default_rng(seed)
-    bundle.set_calibration(np.concatenate([d, d + 0.01]), np.concatenate([d, d]) + rng.normal(0, 0.1, 2 * len(d)), 0.2)
-    return bundle
+    return untrained_calibrated_bundle(path, read_catalogue(cal), kind=kind, n_grid=n_grid, seed=seed)
 
 
 def run_measured(cmd: list[str]) -> tuple[float, float, int]:

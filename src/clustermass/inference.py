@@ -33,7 +33,7 @@ def diagram_flags(cat: Catalogue, window, rows=None, training_data: dict | None 
       the distances of the training mocks (``training_data`` of the bundle), when both are known.
     """
     from . import cosmology
-    from .sky.select import _degenerate
+    from .sky.select import rank_deficient
 
     rows = cat.rows() if rows is None else np.asarray(rows)
     n = len(rows)
@@ -45,7 +45,7 @@ def diagram_flags(cat: Catalogue, window, rows=None, training_data: dict | None 
     inside = ((np.abs(g["x_proj"]) <= window.r_max) & (np.abs(g["y_proj"]) <= window.r_max)
               & (np.abs(g["v_los"]) <= window.v_max))
     n_in = np.bincount(owner[inside], minlength=n)
-    degenerate = _degenerate(owner[inside], g["x_proj"][inside] / window.r_max,
+    degenerate = rank_deficient(owner[inside], g["x_proj"][inside] / window.r_max,
                              g["y_proj"][inside] / window.r_max, g["v_los"][inside] / window.v_max, n)
     outside_range = np.zeros(n, dtype=bool)
     td = training_data or {}
@@ -193,23 +193,11 @@ _FLAG_REASONS = {
 
 
 def report_flags(table: pd.DataFrame, strict: bool = False) -> dict[str, int]:
-    """Warn (:class:`OutOfDistributionWarning`) with the count and reason of each flag; with
-    ``strict`` raise :class:`ClustermassError` instead when any cluster is flagged
-    ``outside_training_range``, ``few_galaxies``, ``degenerate`` or ``outside_window``."""
-    import warnings
-
-    from .errors import OutOfDistributionWarning
-
+    """Warn (:class:`OutOfDistributionWarning`) with the count and reason of each flag of a
+    posterior table; with ``strict`` raise :class:`ClustermassError` instead when any cluster is
+    flagged ``outside_training_range``, ``few_galaxies``, ``degenerate`` or ``outside_window``."""
     counts = flag_summary(table)
-    n = len(table)
-    lines = [f"{k} ({counts[k]} of {n}): {counts[k]} cluster(s) {_FLAG_REASONS[k]}"
-             for k in counts if counts[k]]
-    hard = {k: counts[k] for k in INPUT_FLAGS if counts.get(k)}
-    if strict and hard:
-        raise ClustermassError("--strict: refusing to infer: " + "; ".join(
-            f"{v} of {n} cluster(s) {_FLAG_REASONS[k]}" for k, v in hard.items()))
-    for line in lines:
-        warnings.warn(line, OutOfDistributionWarning, stacklevel=2)
+    _report_counts(counts, len(table), strict)
     return counts
 
 
@@ -495,7 +483,8 @@ def _write_posterior_stream(bundle, tables, out, plots: bool, identity: dict, st
 
 
 def _report_counts(counts: dict[str, int], n: int, strict: bool) -> None:
-    """:func:`report_flags` from flag counts (the streamed path keeps no whole table)."""
+    """The warnings (or, with ``strict``, the error) of :func:`report_flags`, from flag counts
+    (the streamed path keeps no whole table)."""
     import warnings
 
     from .errors import OutOfDistributionWarning
@@ -507,7 +496,7 @@ def _report_counts(counts: dict[str, int], n: int, strict: bool) -> None:
     for k, v in counts.items():
         if v:
             warnings.warn(f"{k} ({v} of {n}): {v} cluster(s) {_FLAG_REASONS[k]}",
-                          OutOfDistributionWarning, stacklevel=3)
+                          OutOfDistributionWarning, stacklevel=4)
 
 
 def infer_catalogue(model: str | Path, data: str | Path, out: str | Path, plots: bool = False,

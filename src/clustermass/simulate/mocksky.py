@@ -222,7 +222,7 @@ def _spectroscopic_selection(ra, dec, target, protect, survey: str, rng) -> np.n
     rule, :func:`clustermass.simulate.observe.spectroscopic_selection`, in angles)."""
     from scipy.spatial import cKDTree
 
-    from .observe import ARCSEC, SURVEYS
+    from .observe import ARCSEC, SURVEYS, collision_victims
 
     if survey not in SURVEYS:
         raise ClustermassError(f"unknown survey {survey!r}; one of {', '.join(SURVEYS)}")
@@ -234,11 +234,7 @@ def _spectroscopic_selection(ra, dec, target, protect, survey: str, rng) -> np.n
         xyz = np.column_stack([np.cos(d) * np.cos(r), np.cos(d) * np.sin(r), np.sin(d)])
         pairs = cKDTree(xyz).query_pairs(2.0 * np.sin(par["fibre_arcsec"] * ARCSEC / 2.0), output_type="ndarray")
         if len(pairs):
-            lose = rng.random(len(pairs)) < par["pair_loss"]
-            pick = np.where(rng.random(len(pairs)) < 0.5, pairs[:, 0], pairs[:, 1])
-            alt = np.where(pick == pairs[:, 0], pairs[:, 1], pairs[:, 0])
-            victim = np.where(protect[idx[pick]], alt, pick)[lose]
-            ok[idx[victim]] = False
+            ok[idx[collision_victims(pairs, protect[idx], par["pair_loss"], rng)]] = False
     if par["completeness"] < 1:
         ok[idx] &= rng.random(len(idx)) < par["completeness"]
     return ok | protect

@@ -99,6 +99,16 @@ def observe(
     return {"x_proj": x, "y_proj": y, "v_los": v, "mag_r": mag, "keep": keep}
 
 
+def collision_victims(pairs: np.ndarray, protect: np.ndarray, pair_loss: float,
+                      rng: np.random.Generator) -> np.ndarray:
+    """Indices that lose their redshift to fibre collisions: each close pair (rows of ``pairs``)
+    loses one galaxy, chosen at random but never a protected one, with probability ``pair_loss``."""
+    lose = rng.random(len(pairs)) < pair_loss
+    pick = np.where(rng.random(len(pairs)) < 0.5, pairs[:, 0], pairs[:, 1])
+    alt = np.where(pick == pairs[:, 0], pairs[:, 1], pairs[:, 0])
+    return np.where(protect[pick], alt, pick)[lose]
+
+
 def spectroscopic_selection(
     x: np.ndarray,
     y: np.ndarray,
@@ -127,11 +137,7 @@ def spectroscopic_selection(
         pts = np.stack([x / sep, y / sep, diagram * 1e7], axis=1)
         pairs = cKDTree(pts).query_pairs(1.0, output_type="ndarray")
         # the scaled distance uses each galaxy's own (equal within a diagram) radius
-        lose = rng.random(len(pairs)) < par["pair_loss"]
-        pick = np.where(rng.random(len(pairs)) < 0.5, pairs[:, 0], pairs[:, 1])
-        alt = np.where(pick == pairs[:, 0], pairs[:, 1], pairs[:, 0])
-        victim = np.where(protect[pick], alt, pick)[lose]
-        ok[victim] = False
+        ok[collision_victims(pairs, protect, par["pair_loss"], rng)] = False
     if par["completeness"] < 1:
         ok &= rng.random(n) < par["completeness"]
     return ok | protect

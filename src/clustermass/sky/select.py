@@ -338,7 +338,7 @@ def sky_to_catalogue(
         empty, edge = np.full(n_cl, np.nan), np.zeros(n_cl, dtype=bool)
     sel_cl, sel_gal = pairs_cl[in_window], pairs_gal[in_window]
     xs, ys, vs = x[in_window], y[in_window], v[in_window]
-    few = (n_gal < max(min_galaxies, 4)) | _degenerate(sel_cl, xs / window.r_max, ys / window.r_max,
+    few = (n_gal < max(min_galaxies, 4)) | rank_deficient(sel_cl, xs / window.r_max, ys / window.r_max,
                                                        vs / window.v_max, n_cl)
     chi = cosmology.comoving_distance(cz, cosmo)
     outside = np.zeros(n_cl, dtype=bool)
@@ -424,7 +424,7 @@ def _sky_pairs(tree: cKDTree | None, cl_xyz: np.ndarray, chord: np.ndarray, chun
     return np.concatenate(out_c), np.concatenate(out_g)
 
 
-def _degenerate(cl: np.ndarray, x: np.ndarray, y: np.ndarray, v: np.ndarray, n: int,
+def rank_deficient(cl: np.ndarray, x: np.ndarray, y: np.ndarray, v: np.ndarray, n: int,
                 rtol: float = 1e-8) -> np.ndarray:
     """True where the (x, y, v) covariance of a cluster's points is singular (vectorised)."""
     cnt = np.bincount(cl, minlength=n).astype(float)
