@@ -134,6 +134,39 @@ def test_streamed_infer_matches_one_batch(tmp_path, gaussian_catalogue):
     assert json.loads((tmp_path / "many" / "inference.json").read_text())["n_clusters"] == 30
 
 
+def test_streamed_reader_memory_does_not_grow_with_the_catalogue(tmp_path):
+    """Arrow memory held while streaming a catalogue stays at one batch + one row group: with
+    pyarrow's read-ahead cache (pre_buffer) it grew with every row group read (~0.2 kB/cluster)."""
+    import pyarrow as pa
+
+    from clustermass.catalog import write_catalogue_chunks
+    from clustermass.inference import iter_catalogue_batches
+
+    def chunks(n_chunks=40, m=2000, n_gal=6):
+        rng = np.random.default_rng(0)
+        for c in range(n_chunks):
+            ids = np.arange(c * m, (c + 1) * m, dtype=np.int64)
+            cl = pd.DataFrame({"diagram_id": ids, "halo_id": ids, "split": "none",
+                               "log_m200c": rng.uniform(13.7, 15.2, m), "r200c": 1.0, "v200c": 600.0,
+                               "redshift": 0.05, "n_gal": n_gal, "n_mem": n_gal})
+            g = m * n_gal
+            gal = pd.DataFrame({"diagram_id": np.repeat(ids, n_gal), "x_proj": rng.uniform(-1, 1, g),
+                                "y_proj": rng.uniform(-1, 1, g), "v_los": rng.normal(0, 600, g)})
+            halos = pd.DataFrame({c: np.zeros(0, np.int64 if c.endswith("id") else float) for c in
+                                  ("diagram_id", "halo_id", "log_m200c", "x_proj", "y_proj", "v_los")})
+            yield cl, gal, halos
+
+    write_catalogue_chunks(chunks(), tmp_path / "cat")
+    batches, n = iter_catalogue_batches(tmp_path / "cat", 2000)
+    held = []
+    for batch in batches:
+        held.append(pa.total_allocated_bytes())
+        del batch
+    assert n == 80_000 and len(held) == 40
+    # the galaxies table is 480 000 rows x 4 x 8 bytes = 15.4 MB; the cache held all of it
+    assert max(held) < 0.7 * 480_000 * 32, held
+
+
 # ---------------------------------------------------------------- slow: processes
 @pytest.mark.slow
 def test_simulate_and_infer_with_dask_processes_give_serial_bytes(tmp_path):
