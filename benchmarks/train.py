@@ -33,9 +33,9 @@ from clustermass.bundle import channels_last as _channels_last
 from clustermass.bundle import memory_format as _memory_format
 from clustermass.catalog import Catalogue
 from clustermass.config import KDEConfig, TrainingConfig, WindowConfig
-from clustermass.datasets import PhaseSpaceDataset
+from clustermass.datasets import PhaseSpaceDataset, build_inputs
 from clustermass.networks import build_network
-from clustermass.training import build_inputs, train_model
+from clustermass.training import train_model
 
 RESULTS = Path(__file__).parent / "results" / "train.json"
 

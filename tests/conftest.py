@@ -10,6 +10,13 @@ Catalogue factories (fixtures returning functions, so each test picks sizes and 
 * ``evrard_catalogue(n_test, n_eval, seed, halos)``: members with the Evrard et al. (2008)
   velocity dispersion of their mass plus uniform interlopers, ``test`` and ``eval`` splits, and
   optionally a halos table of heavier interloper clusters. For evaluation / baseline tests.
+* ``learnable_catalogue(n_halos, sightlines, n_test_halos, seed)``: several sight lines per halo
+  whose velocity spread grows with mass (sigma ~ M^(1/3)), ``train`` and ``test`` halos: a
+  network learns it in a few epochs. For training tests.
+* ``unsorted_catalogue(n, seed)``: a few small diagrams over all three splits, two per halo, the
+  galaxy table given in reverse diagram order. For catalogue-format tests.
+* ``random_sky(seed, n_gal, n_cl, ra, dec)``: a (galaxies, clusters) pair of sky tables (ra, dec
+  [deg], z, mag) with a clump of galaxies around each cluster. For sky-to-catalogue tests.
 
 Units as in the catalogue format: log10(M200c / h^-1 Msun), h^-1 Mpc, km/s.
 
@@ -94,6 +101,78 @@ def evrard_catalogue(n_test: int = 200, n_eval: int = 150, seed: int = 0, halos:
                               n_mem=n_mem)
 
 
+def learnable_catalogue(n_halos: int = 60, sightlines: int = 2, n_test_halos: int = 10, seed: int = 0) -> Catalogue:
+    """Synthetic diagrams whose v_los spread grows with mass (sigma = 600 km/s (M / 10^14.5)^(1/3)).
+
+    ``n_halos`` train and ``n_test_halos`` test halos, log M uniform in [13.7, 15.2], each seen
+    along ``sightlines`` sight lines of 20-39 galaxies (x, y ~ N(0, 0.5) h^-1 Mpc clipped to the
+    window, v ~ N(0, sigma) clipped to +-2199 km/s); every galaxy is a member.
+    """
+    rng = np.random.default_rng(seed)
+    galaxies, halo, split, log_m, sigma, n_mem = [], [], [], [], [], []
+    for h in range(n_halos + n_test_halos):
+        logm = rng.uniform(13.7, 15.2)
+        sig = 600.0 * 10 ** ((logm - 14.5) / 3)
+        for _ in range(sightlines):
+            n = int(rng.integers(20, 40))
+            galaxies.append(dict(x_proj=np.clip(rng.normal(0, 0.5, n), -1.59, 1.59),
+                                 y_proj=np.clip(rng.normal(0, 0.5, n), -1.59, 1.59),
+                                 v_los=np.clip(rng.normal(0, sig, n), -2199, 2199)))
+            halo.append(h)
+            split.append("train" if h < n_halos else "test")
+            log_m.append(logm)
+            sigma.append(sig)
+            n_mem.append(n)
+    return assemble_catalogue(galaxies, halo_id=halo, split=split, log_m200c=log_m, v200c=sigma, n_mem=n_mem)
+
+
+def unsorted_catalogue(n: int = 5, seed: int = 0) -> Catalogue:
+    """``n`` diagrams of 3-19 galaxies (x, y uniform in +-1.6 h^-1 Mpc, v ~ N(0, 500) km/s), splits
+    train, test, eval, train, test, ...; diagrams 2k and 2k+1 share a halo. The galaxy table is
+    handed to :class:`Catalogue` in reverse diagram order, which it must sort."""
+    rng = np.random.default_rng(seed)
+    log_m = rng.uniform(13.7, 15.2, n)
+    ngal = rng.integers(3, 20, n)
+    m = ngal.sum()
+    x, y, v = rng.uniform(-1.6, 1.6, m), rng.uniform(-1.6, 1.6, m), rng.normal(0, 500, m)
+    cuts = np.cumsum(ngal)[:-1]
+    galaxies = [dict(x_proj=a, y_proj=b, v_los=c)
+                for a, b, c in zip(np.split(x, cuts), np.split(y, cuts), np.split(v, cuts), strict=True)]
+    cat = assemble_catalogue(galaxies, halo_id=np.arange(n) // 2, split=(["train", "test", "eval"] * n)[:n],
+                             log_m200c=log_m)
+    return Catalogue(cat.clusters, cat.galaxies.iloc[::-1].reset_index(drop=True))
+
+
+def random_sky(seed: int = 0, n_gal: int = 20000, n_cl: int = 60, ra=(150.0, 170.0), dec=(0.0, 15.0)):
+    """(galaxies, clusters) sky tables: ``n_gal`` galaxies uniform on the sphere within ``ra`` x
+    ``dec`` [deg], z uniform in [0.02, 0.06], r mag uniform in [14, 18.5]; ``n_cl`` clusters (id
+    100, 101, ...) at least 1 deg inside the edges, z in [0.025, 0.055], each with a clump of 40
+    galaxies (0.3 deg, sigma_z 0.002) so that its window is populated."""
+    rng = np.random.default_rng(seed)
+    s0, s1 = np.sin(np.radians(dec))
+    gal = pd.DataFrame({
+        "ra": rng.uniform(*ra, n_gal),
+        "dec": np.degrees(np.arcsin(rng.uniform(s0, s1, n_gal))),
+        "z": rng.uniform(0.02, 0.06, n_gal),
+        "mag": rng.uniform(14.0, 18.5, n_gal),
+    })
+    cl = pd.DataFrame({
+        "id": np.arange(100, 100 + n_cl),
+        "ra": rng.uniform(ra[0] + 1, ra[1] - 1, n_cl),
+        "dec": rng.uniform(dec[0] + 1, dec[1] - 1, n_cl),
+        "z": rng.uniform(0.025, 0.055, n_cl),
+    })
+    k = 40
+    cen = cl.loc[np.repeat(np.arange(n_cl), k)].reset_index(drop=True)
+    clump = pd.DataFrame({
+        "ra": cen["ra"] + rng.normal(0, 0.3, n_cl * k) / np.cos(np.radians(cen["dec"])),
+        "dec": cen["dec"] + rng.normal(0, 0.3, n_cl * k),
+        "z": cen["z"] + rng.normal(0, 0.002, n_cl * k),
+        "mag": rng.uniform(14.0, 18.5, n_cl * k),
+    })
+    return pd.concat([gal, clump], ignore_index=True), cl
+
+
 @pytest.fixture(scope="session", name="assemble_catalogue")
 def _assemble_catalogue_fixture():
     return assemble_catalogue
@@ -107,6 +186,21 @@ def _gaussian_catalogue_fixture():
 @pytest.fixture(scope="session", name="evrard_catalogue")
 def _evrard_catalogue_fixture():
     return evrard_catalogue
+
+
+@pytest.fixture(scope="session", name="learnable_catalogue")
+def _learnable_catalogue_fixture():
+    return learnable_catalogue
+
+
+@pytest.fixture(scope="session", name="unsorted_catalogue")
+def _unsorted_catalogue_fixture():
+    return unsorted_catalogue
+
+
+@pytest.fixture(scope="session", name="random_sky")
+def _random_sky_fixture():
+    return random_sky
 
 
 # ---------------------------------------------------------------------- markers

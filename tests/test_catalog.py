@@ -8,26 +8,8 @@ from clustermass.catalog import Catalogue, read_catalogue, units_of, write_catal
 from clustermass.errors import CatalogueError
 
 
-def make_catalogue(n=5, seed=0):
-    rng = np.random.default_rng(seed)
-    clusters = pd.DataFrame({
-        "diagram_id": np.arange(n), "halo_id": np.arange(n) // 2,
-        "split": np.array(["train", "test", "eval", "train", "test"] * n)[:n],
-        "log_m200c": rng.uniform(13.7, 15.2, n), "r200c": np.ones(n), "v200c": np.full(n, 800.0),
-        "redshift": np.full(n, 0.05), "n_gal": np.zeros(n, int), "n_mem": np.zeros(n, int),
-    })
-    ngal = rng.integers(3, 20, n)
-    clusters["n_gal"] = ngal
-    gal = pd.DataFrame({
-        "diagram_id": np.repeat(np.arange(n), ngal)[::-1].copy(),  # unsorted on purpose
-        "x_proj": rng.uniform(-1.6, 1.6, ngal.sum()), "y_proj": rng.uniform(-1.6, 1.6, ngal.sum()),
-        "v_los": rng.normal(0, 500, ngal.sum()),
-    })
-    return Catalogue(clusters, gal)
-
-
-def test_round_trip_and_units(tmp_path):
-    cat = make_catalogue()
+def test_round_trip_and_units(tmp_path, unsorted_catalogue):
+    cat = unsorted_catalogue()
     cat.meta = {"seed": 3}
     write_catalogue(cat, tmp_path / "cat")
     back = read_catalogue(tmp_path / "cat")
@@ -39,8 +21,8 @@ def test_round_trip_and_units(tmp_path):
     assert not list((tmp_path / "cat").glob(".*.tmp"))
 
 
-def test_points_follow_offsets():
-    cat = make_catalogue()
+def test_points_follow_offsets(unsorted_catalogue):
+    cat = unsorted_catalogue()
     assert cat.galaxies["diagram_id"].is_monotonic_increasing
     for row in range(len(cat)):
         pts = cat.points(row)
@@ -53,8 +35,8 @@ def test_points_follow_offsets():
     assert set(sub.galaxies["diagram_id"]) <= set(sub.clusters["diagram_id"])
 
 
-def test_schema_errors_name_the_column(tmp_path):
-    cat = make_catalogue()
+def test_schema_errors_name_the_column(tmp_path, unsorted_catalogue):
+    cat = unsorted_catalogue()
     with pytest.raises(CatalogueError, match="v_los"):
         Catalogue(cat.clusters, cat.galaxies.drop(columns="v_los"))
     with pytest.raises(CatalogueError, match="log_m200c"):
@@ -74,8 +56,8 @@ def test_schema_errors_name_the_column(tmp_path):
         read_catalogue(tmp_path / "empty")
 
 
-def test_rewriting_a_directory_drops_the_old_halos_table(tmp_path):
-    cat = make_catalogue()
+def test_rewriting_a_directory_drops_the_old_halos_table(tmp_path, unsorted_catalogue):
+    cat = unsorted_catalogue()
     halos = pd.DataFrame({"diagram_id": [0], "halo_id": [7], "log_m200c": [14.0], "x_proj": [0.1],
                           "y_proj": [0.2], "v_los": [100.0]})
     write_catalogue(Catalogue(cat.clusters, cat.galaxies, halos), tmp_path / "cat")
@@ -84,10 +66,10 @@ def test_rewriting_a_directory_drops_the_old_halos_table(tmp_path):
     assert read_catalogue(tmp_path / "cat").halos is None
 
 
-def test_interrupted_chunked_write_leaves_no_catalogue(tmp_path):
+def test_interrupted_chunked_write_leaves_no_catalogue(tmp_path, unsorted_catalogue):
     from clustermass.catalog import write_catalogue_chunks
 
-    cat = make_catalogue()
+    cat = unsorted_catalogue()
     halos = pd.DataFrame({c: [] for c in ("diagram_id", "halo_id", "log_m200c", "x_proj", "y_proj", "v_los")})
 
     def chunks():

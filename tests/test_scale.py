@@ -16,6 +16,9 @@ import pytest
 from clustermass.config import KDEConfig, WindowConfig
 from clustermass.errors import ConfigError
 
+#: the grid of the training tests (tests/test_training.py): wide kernels, learnable on 16 cells
+TRAIN_KDE = KDEConfig(n_grid=16, bandwidth=0.5)
+
 
 def cli(*args, timeout=240):
     res = subprocess.run([sys.executable, "-m", "clustermass.cli", *map(str, args)], capture_output=True,
@@ -201,32 +204,28 @@ def test_ddp_on_two_cpu_processes_trains_tiny_and_the_bundle_loads(tmp_path):
     assert np.isfinite(bundle.meta["training"]["history"][0]["train_loss"])
 
 
-def test_ddp_fork_equals_single_device(tmp_path):
+def test_ddp_fork_equals_single_device(tmp_path, learnable_catalogue):
     """Two forked CPU ranks (gloo) reproduce the single-device losses up to reduction order."""
     from clustermass.config import TrainingConfig
     from clustermass.training import train_model
-    from test_training import KDE, WINDOW, make_catalogue
-
-    cat = make_catalogue(n_halos=30, sightlines=2, n_test_halos=2)
+    cat = learnable_catalogue(n_halos=30, sightlines=2, n_test_halos=2)
     hist = {}
     for name, kw in (("one", {}), ("two", {"devices": 2, "strategy": "ddp_fork"})):
         tr = TrainingConfig(max_epochs=2, batch_size=32, lr=1e-3, **kw)
-        b = train_model(cat, "cnn3d", WINDOW, KDE, tr, 0, tmp_path / name, progress=False)
+        b = train_model(cat, "cnn3d", WindowConfig(), TRAIN_KDE, tr, 0, tmp_path / name, progress=False)
         hist[name] = [(r["train_loss"], r["val_loss"]) for r in b.meta["training"]["history"]]
     np.testing.assert_allclose(hist["two"], hist["one"], rtol=1e-5)
 
 
-def test_grids_beyond_the_memory_budget_stream_from_a_memmap(tmp_path):
+def test_grids_beyond_the_memory_budget_stream_from_a_memmap(tmp_path, learnable_catalogue):
     """cache_max_gb exceeded: grids built once into a memory-mapped file; same training, file removed."""
     from clustermass.config import TrainingConfig
     from clustermass.training import train_model
-    from test_training import KDE, WINDOW, make_catalogue
-
-    cat = make_catalogue(n_halos=20, sightlines=2, n_test_halos=2)
+    cat = learnable_catalogue(n_halos=20, sightlines=2, n_test_halos=2)
     hist = {}
     for name, kw in (("memory", {}), ("disk", {"cache_max_gb": 0.0})):
         tr = TrainingConfig(max_epochs=2, batch_size=16, lr=1e-3, **kw)
-        b = train_model(cat, "cnn3d", WINDOW, KDE, tr, 0, tmp_path / name, progress=False)
+        b = train_model(cat, "cnn3d", WindowConfig(), TRAIN_KDE, tr, 0, tmp_path / name, progress=False)
         hist[name] = [(r["train_loss"], r["val_loss"]) for r in b.meta["training"]["history"]]
     assert b.meta["training"]["inputs_cached"] == "disk"
     assert hist["disk"] == hist["memory"]

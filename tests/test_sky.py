@@ -29,33 +29,6 @@ from clustermass.sky import (
 W = WindowConfig()
 
 
-def _random_sky(seed=0, n_gal=20000, n_cl=60, ra=(150.0, 170.0), dec=(0.0, 15.0)):
-    rng = np.random.default_rng(seed)
-    s0, s1 = np.sin(np.radians(dec))
-    gal = pd.DataFrame({
-        "ra": rng.uniform(*ra, n_gal),
-        "dec": np.degrees(np.arcsin(rng.uniform(s0, s1, n_gal))),
-        "z": rng.uniform(0.02, 0.06, n_gal),
-        "mag": rng.uniform(14.0, 18.5, n_gal),
-    })
-    cl = pd.DataFrame({
-        "id": np.arange(100, 100 + n_cl),
-        "ra": rng.uniform(ra[0] + 1, ra[1] - 1, n_cl),
-        "dec": rng.uniform(dec[0] + 1, dec[1] - 1, n_cl),
-        "z": rng.uniform(0.025, 0.055, n_cl),
-    })
-    # put a clump of galaxies around each cluster so windows are populated
-    k = 40
-    cen = cl.loc[np.repeat(np.arange(n_cl), k)].reset_index(drop=True)
-    clump = pd.DataFrame({
-        "ra": cen["ra"] + rng.normal(0, 0.3, n_cl * k) / np.cos(np.radians(cen["dec"])),
-        "dec": cen["dec"] + rng.normal(0, 0.3, n_cl * k),
-        "z": cen["z"] + rng.normal(0, 0.002, n_cl * k),
-        "mag": rng.uniform(14.0, 18.5, n_cl * k),
-    })
-    return pd.concat([gal, clump], ignore_index=True), cl
-
-
 # ---------------------------------------------------------------------- coordinates
 def test_round_trip_sky_projected_sky():
     rng = np.random.default_rng(1)
@@ -97,8 +70,8 @@ def test_hand_computed_case():
 
 
 # ---------------------------------------------------------------------- window selection
-def test_window_selection_matches_brute_force():
-    gal, cl = _random_sky(seed=2)
+def test_window_selection_matches_brute_force(random_sky):
+    gal, cl = random_sky(seed=2)
     cat, info = sky_to_catalogue(gal, cl, W)
     assert len(cat) == len(cl)
     d_a = cosmology.angular_diameter_distance(cl["z"].to_numpy())
@@ -120,8 +93,8 @@ def test_window_selection_matches_brute_force():
     assert np.isnan(cat.clusters["log_m200c"]).all()
 
 
-def test_flags_edge_few_and_training_range():
-    gal, cl = _random_sky(seed=3)
+def test_flags_edge_few_and_training_range(random_sky):
+    gal, cl = random_sky(seed=3)
     extra = pd.DataFrame({"id": [1, 2, 3], "ra": [150.0, 160.0, 160.0], "dec": [7.0, 7.0, 7.0],
                           "z": [0.04, 0.012, 0.09]})
     # cluster 1 sits on the RA = 150 survey edge; 2 is near; 3 is far and has no galaxies
@@ -157,8 +130,8 @@ def test_edge_flag_on_a_uniform_survey_with_a_hole():
 
 
 # ---------------------------------------------------------------------- bad inputs
-def test_missing_columns_name_the_flag_and_aliases_work():
-    gal, cl = _random_sky(seed=4, n_gal=500, n_cl=5)
+def test_missing_columns_name_the_flag_and_aliases_work(random_sky):
+    gal, cl = random_sky(seed=4, n_gal=500, n_cl=5)
     with pytest.raises(MissingColumnError, match="ra_col"):
         sky_to_catalogue(gal.rename(columns={"ra": "alpha_x"}), cl, W)
     with pytest.raises(MissingColumnError, match="z_col"):
@@ -173,8 +146,8 @@ def test_missing_columns_name_the_flag_and_aliases_work():
     np.testing.assert_array_equal(info["n_gal"], info0["n_gal"])
 
 
-def test_duplicate_and_missing_ids():
-    gal, cl = _random_sky(seed=5, n_gal=500, n_cl=5)
+def test_duplicate_and_missing_ids(random_sky):
+    gal, cl = random_sky(seed=5, n_gal=500, n_cl=5)
     cl.loc[3, "id"] = cl.loc[1, "id"]
     with pytest.raises(ClusterIdError, match="duplicated"):
         sky_to_catalogue(gal, cl, W)
@@ -184,8 +157,8 @@ def test_duplicate_and_missing_ids():
         sky_to_catalogue(gal, cl, W)
 
 
-def test_nan_coordinates():
-    gal, cl = _random_sky(seed=6, n_gal=500, n_cl=5)
+def test_nan_coordinates(random_sky):
+    gal, cl = random_sky(seed=6, n_gal=500, n_cl=5)
     gal.loc[[0, 5, 9], "dec"] = np.nan
     gal.loc[11, "z"] = np.inf
     with pytest.warns(SkyWarning, match="dropped 4 of"):
@@ -196,8 +169,8 @@ def test_nan_coordinates():
         sky_to_catalogue(gal.dropna(), cl, W)
 
 
-def test_degrees_vs_radians():
-    gal, cl = _random_sky(seed=7, n_gal=500, n_cl=5)
+def test_degrees_vs_radians(random_sky):
+    gal, cl = random_sky(seed=7, n_gal=500, n_cl=5)
     rad_g = gal.assign(ra=np.radians(gal["ra"]), dec=np.radians(gal["dec"]))
     rad_c = cl.assign(ra=np.radians(cl["ra"]), dec=np.radians(cl["dec"]))
     with pytest.raises(CoordinateError, match="look like radians"):
@@ -213,8 +186,8 @@ def test_degrees_vs_radians():
     np.testing.assert_allclose(i_rad["ra"], i_deg["ra"])
 
 
-def test_flux_limit_applied_or_warned():
-    gal, cl = _random_sky(seed=8, n_gal=3000, n_cl=8)
+def test_flux_limit_applied_or_warned(random_sky):
+    gal, cl = random_sky(seed=8, n_gal=3000, n_cl=8)
     n_faint = int((gal["mag"] > 18.0).sum())
     with pytest.warns(SkyWarning, match=f"removed {n_faint} galaxies fainter than 18"):
         cat, _ = sky_to_catalogue(gal, cl, W, mag_col="mag", mag_limit=18.0)
@@ -310,8 +283,8 @@ class _FakeBundle:
         return _FakePosterior()
 
 
-def test_infer_sky_table_columns_and_skipped_rows():
-    gal, cl = _random_sky(seed=9, n_gal=3000, n_cl=6)
+def test_infer_sky_table_columns_and_skipped_rows(random_sky):
+    gal, cl = random_sky(seed=9, n_gal=3000, n_cl=6)
     cl = pd.concat([cl, pd.DataFrame({"id": [7], "ra": [160.0], "dec": [7.0], "z": [0.2]})], ignore_index=True)
     with pytest.warns(SkyWarning):
         out = infer_sky(_FakeBundle(), gal, cl, mag_col="mag")
@@ -345,7 +318,7 @@ def test_compare_with_published():
         compare_with_published(post, 10**true)
 
 
-def test_figures(tmp_path):
+def test_figures(tmp_path, random_sky):
     from clustermass._io import save_figure
     from clustermass.plots.sky import (
         plot_cluster_field,
@@ -358,7 +331,7 @@ def test_figures(tmp_path):
     pred = rng.uniform(14, 15, 50)
     post = pd.DataFrame({"log_m_map": pred, "log_m_lo1": pred - 0.1, "log_m_hi1": pred + 0.15})
     _, table = compare_with_published(post, pred + rng.normal(0, 0.1, 50), np.full(50, 0.05))
-    gal, cl = _random_sky(seed=10, n_gal=2000, n_cl=5)
+    gal, cl = random_sky(seed=10, n_gal=2000, n_cl=5)
     cat, info = sky_to_catalogue(gal, cl, W)
     figs = {
         "hist": plot_contrast_histogram(table),

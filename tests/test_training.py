@@ -5,11 +5,9 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 
-from clustermass.catalog import Catalogue
 from clustermass.config import KDEConfig, TrainingConfig, WindowConfig
 from clustermass.errors import BundleError, ClustermassError
 
@@ -18,29 +16,10 @@ KDE = KDEConfig(n_grid=16, bandwidth=0.5)  # wide kernels: learnable on a coarse
 
 
 # ---------------------------------------------------------------- fixtures
-def make_catalogue(n_halos=60, sightlines=2, n_test_halos=10, seed=0) -> Catalogue:
-    """Synthetic diagrams whose v_los spread grows with mass (sigma ~ M^(1/3))."""
-    rng = np.random.default_rng(seed)
-    cl, gal, did = [], [], 0
-    for h in range(n_halos + n_test_halos):
-        logm = rng.uniform(13.7, 15.2)
-        sig = 600.0 * 10 ** ((logm - 14.5) / 3)
-        for _ in range(sightlines):
-            n = int(rng.integers(20, 40))
-            cl.append(dict(diagram_id=did, halo_id=h, split="train" if h < n_halos else "test",
-                           log_m200c=logm, r200c=1.0, v200c=sig, redshift=0.05, n_gal=n, n_mem=n))
-            gal.append(pd.DataFrame(dict(
-                diagram_id=did,
-                x_proj=np.clip(rng.normal(0, 0.5, n), -1.59, 1.59),
-                y_proj=np.clip(rng.normal(0, 0.5, n), -1.59, 1.59),
-                v_los=np.clip(rng.normal(0, sig, n), -2199, 2199))))
-            did += 1
-    return Catalogue(pd.DataFrame(cl), pd.concat(gal, ignore_index=True))
-
-
 @pytest.fixture(scope="module")
-def cat():
-    return make_catalogue()
+def cat(learnable_catalogue):
+    """60 train + 10 test halos, 2 sight lines each (tests/conftest.py)."""
+    return learnable_catalogue()
 
 
 def _cfg(**kw):
@@ -133,27 +112,18 @@ def test_interrupted_run_resumes_like_an_uninterrupted_run(cat, tmp_path, monkey
     full = T.train_model(cat, "cnn2d", WINDOW, KDE, _cfg(max_epochs=3), seed=1, out_dir=tmp_path / "a",
                          progress=False)
 
-    make_history = T._make_history_callback
+    def crash_in_epoch_3(self):
+        if self.current_epoch == 2:
+            raise RuntimeError("simulated crash")
 
-    def crashing_history(*args, **kw):
-        cb = make_history(*args, **kw)
-        start = cb.on_train_epoch_start
-
-        def on_train_epoch_start(trainer, pl_module):
-            if trainer.current_epoch == 2:
-                raise RuntimeError("simulated crash")
-            start(trainer, pl_module)
-
-        cb.on_train_epoch_start = on_train_epoch_start
-        return cb
-
-    monkeypatch.setattr(T, "_make_history_callback", crashing_history)
+    monkeypatch.setattr(T.Regressor, "on_train_epoch_start", crash_in_epoch_3)
     with pytest.raises(RuntimeError, match="simulated crash"):
         T.train_model(cat, "cnn2d", WINDOW, KDE, _cfg(max_epochs=3), seed=1, out_dir=tmp_path / "b",
                       progress=False)
     monkeypatch.undo()
     assert (tmp_path / "b/checkpoints/last.ckpt").is_file()
     assert not (tmp_path / "b/weights.safetensors").exists()
+    assert [r["epoch"] for r in T.read_history(tmp_path / "b/checkpoints/logs")] == [1, 2]  # Lightning's CSV
 
     # the same call again resumes automatically from checkpoints/last.ckpt (after epoch 2)
     more = T.train_model(cat, "cnn2d", WINDOW, KDE, _cfg(max_epochs=3), seed=1, out_dir=tmp_path / "b",
@@ -318,8 +288,8 @@ def test_square_symmetries_of_cached_cubes_equal_the_kde_of_transformed_galaxies
     """d4 augmentation flips/swaps cached cubes; that must be the cube of the transformed galaxies."""
     import torch
 
+    from clustermass.datasets import apply_square_symmetries
     from clustermass.phasespace import diagram_grid
-    from clustermass.training import apply_square_symmetries
 
     pts = cat.points(0)
     cube = torch.as_tensor(diagram_grid(pts, "cnn3d", WINDOW, KDE))[None, None]
@@ -339,3 +309,29 @@ def test_d4_training_uses_cached_cubes(cat, tmp_path):
                     progress=False)
     tr = b.meta["training"]
     assert tr["inputs_cached"] is True and tr["augment"] == "d4" and tr["epochs_run"] == 2
+
+
+def test_progress_bar_and_history_from_lightnings_csv_logger(cat, tmp_path, capsys):
+    from clustermass.training import HISTORY_KEYS, read_history, train_model
+
+    b = train_model(cat, "cnn1d", WINDOW, KDE, _cfg(max_epochs=2), seed=0, out_dir=tmp_path, progress=True)
+    err = capsys.readouterr().err
+    assert "train cnn1d" in err and "2/2" in err and "val=" in err and "best=" in err  # one bar of epochs
+    hist = b.meta["training"]["history"]
+    assert read_history(tmp_path / "checkpoints" / "logs") == hist
+    assert [list(r) for r in hist] == [list(HISTORY_KEYS)] * 2 and [r["epoch"] for r in hist] == [1, 2]
+    assert all(r["train_s"] > 0 and r["train_cpu_s"] > 0 and r["val_s"] >= 0 for r in hist)
+
+
+def test_read_history_keeps_the_attempt_that_made_the_weights(tmp_path):
+    """A resumed attempt (CSVLogger version_1, from epoch 2 on) replaces epochs >= 2 of version_0."""
+    from clustermass.training import read_history
+
+    for version, text in ((0, "epoch,step,train_loss,val_loss\n0,4,,0.5\n0,4,0.6,\n1,9,,0.4\n1,9,0.45,\n2,14,,0.3\n"),
+                          (1, "epoch,step,train_loss,val_loss,train_s\n1,9,,0.41,\n1,9,0.46,,1.5\n")):
+        (tmp_path / f"version_{version}").mkdir()
+        (tmp_path / f"version_{version}" / "metrics.csv").write_text(text)
+    hist = read_history(tmp_path)
+    assert [(r["epoch"], r["train_loss"], r["val_loss"]) for r in hist] == [(1, 0.6, 0.5), (2, 0.46, 0.41)]
+    assert hist[1]["train_s"] == 1.5 and np.isnan(hist[0]["train_s"])
+    assert read_history(tmp_path / "none") == []

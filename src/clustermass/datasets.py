@@ -4,6 +4,10 @@ This is the torch side of :mod:`clustermass.phasespace` (which stays torch-free:
 loads numpy only). :class:`PhaseSpaceDataset` builds a catalogue's KDE grids on the fly with
 :func:`clustermass.phasespace.diagram_grid` (one item) or
 :func:`clustermass.phasespace.gaussian_kde_grid_torch` (a batch, GPU when present).
+For training, :func:`build_inputs` (in memory) and :func:`build_inputs_memmap` (a memory-mapped
+file) build every grid once; :class:`TensorBatches` serves such grids one batch (a list of rows)
+at a time, with the square window's symmetries (:func:`apply_square_symmetries`) as optional
+augmentation, and :class:`SubsetBatches` stacks the items of a dataset that rebuilds them.
 
 Data flows one way: ``catalog -> phasespace -> datasets -> training``.
 """
@@ -12,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import warnings
 from pathlib import Path
 
@@ -33,7 +38,8 @@ from .phasespace import (
     grid_shape,
 )
 
-__all__ = ["PhaseSpaceDataset"]
+__all__ = ["PhaseSpaceDataset", "SubsetBatches", "TensorBatches", "apply_square_symmetries", "build_inputs",
+           "build_inputs_memmap"]
 
 
 class PhaseSpaceDataset(Dataset):
@@ -206,3 +212,115 @@ class PhaseSpaceDataset(Dataset):
         st = dict(self.__dict__)
         st["_mm"], st["_filled"] = None, None
         return st
+
+
+# ---------------------------------------------------------------------- batches for training
+class TensorBatches(torch.utils.data.Dataset):
+    """In-memory grids indexed by a list of rows at once (one gather per batch).
+
+    With ``symmetries`` (3D cubes only) each item gets one of the 8 exact symmetries of the square
+    sky window (flip x, flip y, swap x and y), drawn from (seed, epoch, item): the KDE of the
+    transformed galaxies is exactly the transformed cube, and the mass is unchanged.
+    """
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, symmetries: bool = False, seed: int = 0) -> None:
+        self.x, self.y, self.symmetries, self.seed, self.epoch = x, y, symmetries, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, idx):
+        x = self.x[torch.as_tensor(idx, device=self.x.device)]
+        if self.symmetries:
+            codes = np.random.default_rng([self.seed, self.epoch, int(idx[0])]).integers(0, 8, len(idx))
+            x = apply_square_symmetries(x, codes)
+        return x, self.y[torch.as_tensor(idx, device=self.y.device)]
+
+
+def apply_square_symmetries(x: torch.Tensor, codes) -> torch.Tensor:
+    """Apply symmetry ``codes[i]`` (bit 0: flip x, bit 1: flip y, bit 2: swap x and y) to cube i.
+
+    ``x`` has shape (B, 1, n_x, n_y, n_v); the grid is symmetric about 0 on both sky axes.
+    """
+    out = x.clone()
+    codes = np.asarray(codes)
+    for c in range(1, 8):
+        sel = torch.as_tensor(np.flatnonzero(codes == c), device=x.device)
+        if len(sel) == 0:
+            continue
+        t = x[sel]
+        if c & 1:
+            t = t.flip(2)
+        if c & 2:
+            t = t.flip(3)
+        if c & 4:
+            t = t.transpose(2, 3)
+        out[sel] = t
+    return out
+
+
+class SubsetBatches(torch.utils.data.Dataset):
+    """Batches of a per-item dataset for a list of indices (built items stacked)."""
+
+    def __init__(self, ds) -> None:
+        self.ds = ds
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, idx):
+        items = [self.ds[i] for i in idx]
+        return torch.stack([a for a, _ in items]), torch.stack([torch.as_tensor(b) for _, b in items])
+
+
+def build_inputs(dataset, batch_size: int = 256, num_workers: int = 0, progress: bool = False,
+                 desc: str = "phase-space grids") -> tuple[torch.Tensor, torch.Tensor]:
+    """Build every item of ``dataset`` once: (x float32 (N, 1, n, ...), y float32 (N,))."""
+    from tqdm.auto import tqdm
+
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
+                                         num_workers=num_workers)
+    xs, ys, i = None, torch.empty(len(dataset), dtype=torch.float32), 0
+    with tqdm(total=len(dataset), desc=desc, unit="diagram", disable=not progress, leave=False) as bar:
+        for x, y in loader:
+            if xs is None:  # filled in place: peak memory is one copy of the grids
+                xs = torch.empty((len(dataset),) + tuple(x.shape[1:]), dtype=torch.float32)
+            xs[i : i + len(y)] = x
+            ys[i : i + len(y)] = torch.as_tensor(y, dtype=torch.float32)
+            i += len(y)
+            bar.update(len(y))
+    if xs is None:
+        raise ClustermassError("no diagrams to build grids for")
+    return xs, ys
+
+
+def build_inputs_memmap(dataset, path: Path, batch_size: int = 256, num_workers: int = 0,
+                        progress: bool = False, desc: str = "phase-space grids") -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`build_inputs` into a ``.npy`` file at ``path``, memory-mapped: same values, but
+    only one batch of grids is ever in memory (x is a tensor view of the mapped file)."""
+    from tqdm.auto import tqdm
+
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
+                                         num_workers=num_workers)
+    path = Path(path)
+    tmp = path.with_name(path.name + ".part")
+    mm, ys, i = None, torch.empty(len(dataset), dtype=torch.float32), 0
+    with tqdm(total=len(dataset), desc=desc, unit="diagram", disable=not progress, leave=False) as bar:
+        for x, y in loader:
+            if mm is None:
+                mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32,
+                                               shape=(len(dataset),) + tuple(x.shape[1:]))
+            mm[i : i + len(y)] = x.numpy()
+            ys[i : i + len(y)] = torch.as_tensor(y, dtype=torch.float32)
+            i += len(y)
+            bar.update(len(y))
+    if mm is None:
+        raise ClustermassError("no diagrams to build grids for")
+    mm.flush()
+    del mm
+    os.replace(tmp, path)
+    # copy-on-write mapping: writable for torch, never written back
+    return torch.from_numpy(np.load(path, mmap_mode="c")), ys

@@ -6,6 +6,13 @@ halos; the sight lines of one halo never straddle the split), early stopping on 
 loss with the best weights restored, checkpoints in ``out_dir/checkpoints`` so an interrupted
 run resumes, seeded for repeatable CPU runs, mixed precision and channels-last on a GPU.
 
+The pieces are Lightning's own: :class:`Regressor` (the LightningModule: loss, optimiser, logged
+metrics), :class:`PhaseSpaceDataModule` (the train/validation loaders), Lightning's
+``EarlyStopping``, ``ModelCheckpoint`` and ``CSVLogger`` (per-epoch metrics in
+``out_dir/checkpoints/logs/version_*/metrics.csv``, read back by :func:`read_history`), and two
+small callbacks: :class:`EpochTimes` (wall and CPU seconds per epoch) and
+:class:`EpochProgressBar` (one tqdm bar of epochs; none when ``progress=False``).
+
 Inputs are built by :class:`clustermass.datasets.PhaseSpaceDataset` (KDE on the fly, scaled by
 ``kde.input_scale``). Without augmentation each diagram's grid is fixed, so by default the grids
 are built once (in parallel with ``training.num_workers`` DataLoader workers) and kept in memory
@@ -18,6 +25,7 @@ The result is a :class:`clustermass.bundle.ModelBundle` written to ``out_dir``.
 from __future__ import annotations
 
 import contextlib
+import csv
 import json
 import logging
 import math
@@ -27,8 +35,11 @@ import time
 import warnings
 from pathlib import Path
 
+import lightning.pytorch as pl
 import numpy as np
 import torch
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, ProgressBar
+from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
 from ._io import guard_output, write_json_atomic
@@ -40,11 +51,18 @@ from .bundle import (
     ModelBundle,
     _dataset,
     channels_last,
+    memory_format,
 )
 from .catalog import Catalogue
 from .config import KIND_DIMS, KDEConfig, TrainingConfig, WindowConfig
+from .datasets import SubsetBatches, TensorBatches, build_inputs, build_inputs_memmap
 from .errors import ClustermassError
 from .networks import build_network, count_parameters, default_arch
+
+#: the columns of a training history (``model.json["training"]["history"]``): epoch (1-based),
+#: mean train and validation MSE [dex^2], wall seconds of the training and validation passes, and
+#: the CPU seconds of the training pass
+HISTORY_KEYS = ("epoch", "train_loss", "val_loss", "train_s", "val_s", "train_cpu_s")
 
 
 # ---------------------------------------------------------------------- data
@@ -119,242 +137,217 @@ class EpochBatchSampler(torch.utils.data.Sampler):
             yield batch.tolist()
 
 
-class _TensorBatches(torch.utils.data.Dataset):
-    """In-memory grids indexed by a list of rows at once (one gather per batch).
-
-    With ``symmetries`` (3D cubes only) each item gets one of the 8 exact symmetries of the square
-    sky window (flip x, flip y, swap x and y), drawn from (seed, epoch, item): the KDE of the
-    transformed galaxies is exactly the transformed cube, and the mass is unchanged.
-    """
-
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, symmetries: bool = False, seed: int = 0) -> None:
-        self.x, self.y, self.symmetries, self.seed, self.epoch = x, y, symmetries, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return len(self.y)
-
-    def __getitem__(self, idx):
-        x = self.x[torch.as_tensor(idx, device=self.x.device)]
-        if self.symmetries:
-            codes = np.random.default_rng([self.seed, self.epoch, int(idx[0])]).integers(0, 8, len(idx))
-            x = apply_square_symmetries(x, codes)
-        return x, self.y[torch.as_tensor(idx, device=self.y.device)]
-
-
-def apply_square_symmetries(x: torch.Tensor, codes) -> torch.Tensor:
-    """Apply symmetry ``codes[i]`` (bit 0: flip x, bit 1: flip y, bit 2: swap x and y) to cube i.
-
-    ``x`` has shape (B, 1, n_x, n_y, n_v); the grid is symmetric about 0 on both sky axes.
-    """
-    out = x.clone()
-    codes = np.asarray(codes)
-    for c in range(1, 8):
-        sel = torch.as_tensor(np.flatnonzero(codes == c), device=x.device)
-        if len(sel) == 0:
-            continue
-        t = x[sel]
-        if c & 1:
-            t = t.flip(2)
-        if c & 2:
-            t = t.flip(3)
-        if c & 4:
-            t = t.transpose(2, 3)
-        out[sel] = t
-    return out
-
-
-class _SubsetBatches(torch.utils.data.Dataset):
-    """Batches of a per-item dataset for a list of indices (built items stacked)."""
-
-    def __init__(self, ds) -> None:
-        self.ds = ds
-
-    def __len__(self) -> int:
-        return len(self.ds)
-
-    def __getitem__(self, idx):
-        items = [self.ds[i] for i in idx]
-        return torch.stack([a for a, _ in items]), torch.stack([torch.as_tensor(b) for _, b in items])
-
-
-def build_inputs(dataset, batch_size: int = 256, num_workers: int = 0, progress: bool = False,
-                 desc: str = "phase-space grids") -> tuple[torch.Tensor, torch.Tensor]:
-    """Build every item of ``dataset`` once: (x float32 (N, 1, n, ...), y float32 (N,))."""
-    from tqdm.auto import tqdm
-
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
-                                         num_workers=num_workers)
-    xs, ys, i = None, torch.empty(len(dataset), dtype=torch.float32), 0
-    with tqdm(total=len(dataset), desc=desc, unit="diagram", disable=not progress, leave=False) as bar:
-        for x, y in loader:
-            if xs is None:  # filled in place: peak memory is one copy of the grids
-                xs = torch.empty((len(dataset),) + tuple(x.shape[1:]), dtype=torch.float32)
-            xs[i : i + len(y)] = x
-            ys[i : i + len(y)] = torch.as_tensor(y, dtype=torch.float32)
-            i += len(y)
-            bar.update(len(y))
-    if xs is None:
-        raise ClustermassError("no diagrams to build grids for")
-    return xs, ys
-
-
-def build_inputs_memmap(dataset, path: Path, batch_size: int = 256, num_workers: int = 0,
-                        progress: bool = False, desc: str = "phase-space grids") -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`build_inputs` into a ``.npy`` file at ``path``, memory-mapped: same values, but
-    only one batch of grids is ever in memory (x is a tensor view of the mapped file)."""
-    import os
-
-    from tqdm.auto import tqdm
-
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
-                                         num_workers=num_workers)
-    path = Path(path)
-    tmp = path.with_name(path.name + ".part")
-    mm, ys, i = None, torch.empty(len(dataset), dtype=torch.float32), 0
-    with tqdm(total=len(dataset), desc=desc, unit="diagram", disable=not progress, leave=False) as bar:
-        for x, y in loader:
-            if mm is None:
-                mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32,
-                                               shape=(len(dataset),) + tuple(x.shape[1:]))
-            mm[i : i + len(y)] = x.numpy()
-            ys[i : i + len(y)] = torch.as_tensor(y, dtype=torch.float32)
-            i += len(y)
-            bar.update(len(y))
-    if mm is None:
-        raise ClustermassError("no diagrams to build grids for")
-    mm.flush()
-    del mm
-    os.replace(tmp, path)
-    # copy-on-write mapping: writable for torch, never written back
-    return torch.from_numpy(np.load(path, mmap_mode="c")), ys
-
-
 # ---------------------------------------------------------------------- lightning
-def _lightning():
-    import lightning.pytorch as pl
+class PhaseSpaceDataModule(pl.LightningDataModule):
+    """Train and validation batches of phase-space grids for one training run.
 
-    return pl
+    Grids are built once and held in memory (``training.cache_inputs``, up to
+    ``training.cache_max_gb``; on the GPU when it fits), built once into a memory-mapped file at
+    ``memmap_file`` beyond that budget, or rebuilt every epoch by DataLoader workers with
+    ``augment="rotate"``. ``d4`` augmentation applies the square window's symmetries to the
+    cached 3D cubes. Batches come from :class:`EpochBatchSampler` (order fixed by (seed, epoch);
+    sliced across DDP ranks). :meth:`setup` is idempotent: called before ``Trainer.fit`` it
+    builds the grids once in the launching process, so forked DDP ranks share them.
+    """
+
+    def __init__(self, catalogue: Catalogue, kind: str, window: WindowConfig, kde: KDEConfig,
+                 training: TrainingConfig, train_rows, val_rows, seed: int, memmap_file: Path,
+                 progress: bool = False) -> None:
+        super().__init__()
+        self.catalogue, self.kind, self.window, self.kde, self.cfg = catalogue, kind, window, kde, training
+        self.train_rows, self.val_rows, self.seed = np.asarray(train_rows), np.asarray(val_rows), seed
+        self.memmap_file, self.progress = Path(memmap_file), progress
+        self.cuda = torch.cuda.is_available()
+        self.multi = training.devices * training.num_nodes > 1
+        self.cache_gb = (len(train_rows) + len(val_rows)) * kde.n_grid ** KIND_DIMS[kind] * 4 / 1e9
+        # sky-plane symmetries change only the 3D cubes; (R_proj, v) and v are invariant
+        self.augment = training.augment if kind == "cnn3d" else "none"
+        rebuild = self.augment == "rotate"  # galaxies rotated every epoch: no fixed cubes
+        self.in_memory = training.cache_inputs and not rebuild and self.cache_gb <= training.cache_max_gb
+        # larger than the in-memory budget: the grids are built once into a memory-mapped file and
+        # read back batch by batch (the OS pages them in and out), so training data may exceed RAM
+        self.on_disk = training.cache_inputs and not rebuild and not self.in_memory
+        self.train_set = self.val_set = self.train_base = None
+        self.workers: dict = {"num_workers": 0}
+        self.pin = False
+
+    @property
+    def inputs_cached(self) -> bool | str:
+        """How the grids were held: True (memory), "disk" (memory-mapped file) or False (rebuilt)."""
+        return "disk" if self.on_disk else bool(self.in_memory)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        kind, window, kde, nw = self.kind, self.window, self.kde, self.cfg.num_workers
+        if self.in_memory or self.on_disk:
+            both = _dataset(self.catalogue, np.concatenate([self.train_rows, self.val_rows]), kind, window, kde)
+            batch = max(self.cfg.batch_size, 64)
+            if self.in_memory:
+                x, y = build_inputs(both, batch_size=batch, num_workers=nw, progress=self.progress,
+                                    desc=f"{kind} grids")
+                if self.cuda and not self.multi and self.cache_gb < 0.5 * torch.cuda.mem_get_info()[0] / 1e9:
+                    x, y = x.to("cuda"), y.to("cuda")
+            else:
+                self.memmap_file.parent.mkdir(parents=True, exist_ok=True)
+                x, y = build_inputs_memmap(both, self.memmap_file, batch_size=batch, num_workers=nw,
+                                           progress=self.progress, desc=f"{kind} grids (disk)")
+            n_tr = len(self.train_rows)
+            self.train_set = TensorBatches(x[:n_tr], y[:n_tr], symmetries=self.augment == "d4", seed=self.seed)
+            self.val_set = TensorBatches(x[n_tr:], y[n_tr:])
+            self.train_base = self.train_set  # receives set_epoch (symmetry draws per epoch)
+            self.pin = self.cuda and not x.is_cuda
+        else:
+            augment = self.augment if self.augment != "none" else False
+            self.train_base = _dataset(self.catalogue, self.train_rows, kind, window, kde, augment=augment,
+                                       seed=self.seed)
+            val_ds = _dataset(self.catalogue, self.val_rows, kind, window, kde)
+            self.train_set, self.val_set = SubsetBatches(self.train_base), SubsetBatches(val_ds)
+            # workers are re-spawned each epoch so they see the epoch's augmentation seed
+            self.workers = {"num_workers": nw, "persistent_workers": nw > 0 and self.augment == "none"}
+            self.pin = self.cuda
+
+    def train_dataloader(self) -> torch.utils.data.DataLoader:
+        sampler = EpochBatchSampler(len(self.train_set), self.cfg.batch_size, self.seed, dataset=self.train_base)
+        return torch.utils.data.DataLoader(self.train_set, batch_size=None, sampler=sampler, pin_memory=self.pin,
+                                           **self.workers)
+
+    def val_dataloader(self) -> torch.utils.data.DataLoader:
+        sampler = EpochBatchSampler(len(self.val_set), self.cfg.batch_size, self.seed, shuffle=False)
+        return torch.utils.data.DataLoader(self.val_set, batch_size=None, sampler=sampler, pin_memory=self.pin,
+                                           **self.workers)
+
+    def release(self) -> None:
+        """Drop the grids and delete this process's memory-mapped grid file (if any)."""
+        self.train_set = self.val_set = self.train_base = None
+        if self.on_disk:
+            self.memmap_file.unlink(missing_ok=True)
 
 
-def _make_module(network: nn.Module, lr: float, betas, channels_last: bool):
-    pl = _lightning()
+class Regressor(pl.LightningModule):
+    """MSE of log10 M200c [dex^2], Adam; the network outputs log10 M directly.
 
-    class Regressor(pl.LightningModule):
-        """MSE on log10 M; the network outputs log10 M directly."""
+    Logs ``train_loss`` (mean over the epoch's samples) and ``val_loss`` (mean over the
+    validation samples) once per epoch; under DDP both are averaged over the ranks' slices.
+    Inputs are put into ``input_format`` (channels-last for the 2D/3D networks) before the network.
+    """
 
-        def __init__(self) -> None:
-            super().__init__()
-            self.network = network
-            self._memfmt = None
-            if channels_last:
-                self._memfmt = {5: torch.channels_last_3d, 4: torch.channels_last}
-            self._sse, self._n = 0.0, 0
+    def __init__(self, network: nn.Module, lr: float, betas, input_format: torch.memory_format | None = None) -> None:
+        super().__init__()
+        self.network = network
+        self.lr, self.betas, self.input_format = lr, tuple(betas), input_format
 
-        def forward(self, x):
-            if self._memfmt and x.dim() in self._memfmt:
-                x = x.contiguous(memory_format=self._memfmt[x.dim()])
-            return self.network(x)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_format is not None:
+            x = x.contiguous(memory_format=self.input_format)
+        return self.network(x)
 
-        def _loss(self, batch):
-            x, y = batch
-            pred = self(x).float()
-            return torch.mean((pred - y.float()) ** 2), len(y)
+    def _loss(self, batch, name: str) -> torch.Tensor:
+        x, y = batch
+        loss = torch.mean((self(x).float() - y.float()) ** 2)
+        # the epoch's train loss is summed in float64 (sum of batch loss x batch size / samples);
+        # under DDP each rank sees a slice of every batch: sample-weighted mean over the ranks
+        value = loss.detach().double() if name == "train_loss" else loss
+        self.log(name, value, on_step=False, on_epoch=True, batch_size=len(y), sync_dist=self.trainer.world_size > 1)
+        return loss
 
-        def on_train_epoch_start(self) -> None:
-            self._sse, self._n = 0.0, 0
+    def training_step(self, batch, batch_idx):
+        return self._loss(batch, "train_loss")
 
-        def training_step(self, batch, batch_idx):
-            loss, n = self._loss(batch)
-            self._sse += float(loss.detach()) * n
-            self._n += n
-            return loss
+    def validation_step(self, batch, batch_idx):
+        self._loss(batch, "val_loss")
 
-        def validation_step(self, batch, batch_idx):
-            loss, n = self._loss(batch)
-            # under DDP each rank sees a slice of every batch: average over the ranks
-            self.log("val_loss", loss, on_step=False, on_epoch=True, batch_size=n,
-                     sync_dist=self.trainer.world_size > 1)
-
-        def train_loss_epoch(self) -> float:
-            return self._sse / max(self._n, 1)
-
-        def configure_optimizers(self):
-            return torch.optim.Adam(self.parameters(), lr=lr, betas=tuple(betas))
-
-    return Regressor()
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=self.lr, betas=self.betas)
 
 
-#: the History rows, as a (epochs, len(HISTORY_KEYS)) tensor in ``trainer.callback_metrics`` under DDP
-HISTORY_METRIC = "_clustermass_history"
-HISTORY_KEYS = ("epoch", "train_loss", "val_loss", "train_s", "val_s", "train_cpu_s")
+class EpochTimes(pl.Callback):
+    """Logs ``train_s``, ``val_s`` (wall seconds of the training and validation passes) and
+    ``train_cpu_s`` (CPU seconds of this process in the training pass) once per epoch."""
+
+    def __init__(self) -> None:
+        self._t = [time.perf_counter()] * 3
+        self._c = [time.process_time()] * 2
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._t = [time.perf_counter()] * 3
+        self._c = [time.process_time()] * 2
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self._t[1], self._c[1] = time.perf_counter(), time.process_time()
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        self._t[2] = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        (t0, t1, t2), (c0, c1) = self._t, self._c
+        row = {"epoch": trainer.current_epoch, "train_s": round(t1 - t0, 4), "val_s": round(t2 - t1, 4),
+               "train_cpu_s": round(c1 - c0, 4)}
+        for logger in trainer.loggers:  # rank 0 only (CSVLogger); saved with the epoch's metrics
+            logger.log_metrics(row, step=trainer.global_step)
 
 
-def _make_history_callback(total_epochs: int, progress: bool, desc: str):
-    pl = _lightning()
+class EpochProgressBar(ProgressBar):
+    """One tqdm bar of epochs (rank 0) with the epoch's train and validation loss and the best so far."""
 
-    class History(pl.Callback):
-        """Per-epoch (train, val) loss, kept in the checkpoints; a tqdm bar of epochs."""
+    def __init__(self, total_epochs: int, desc: str) -> None:
+        super().__init__()
+        self.total_epochs, self.desc, self.enabled, self.bar, self.best = total_epochs, desc, True, None, math.inf
 
-        def __init__(self) -> None:
-            self.rows: list[dict] = []
-            self.bar = None
-            self._t0 = self._t1 = time.perf_counter()
-            self._c0 = self._c1 = time.process_time()
+    def disable(self) -> None:
+        self.enabled = False
 
-        def on_fit_start(self, trainer, pl_module) -> None:
-            from tqdm.auto import tqdm
+    def enable(self) -> None:
+        self.enabled = True
 
-            self.bar = tqdm(total=total_epochs, initial=len(self.rows), desc=desc, unit="epoch",
-                            disable=not progress or trainer.global_rank != 0, dynamic_ncols=True)
+    def on_train_start(self, trainer, pl_module) -> None:
+        from tqdm.auto import tqdm
 
-        def on_train_epoch_start(self, trainer, pl_module) -> None:
-            self._t0 = self._t1 = time.perf_counter()
-            self._c0 = self._c1 = time.process_time()
+        self.bar = tqdm(total=self.total_epochs, initial=trainer.current_epoch, desc=self.desc, unit="epoch",
+                        disable=not self.enabled or not trainer.is_global_zero, dynamic_ncols=True)
 
-        def on_validation_start(self, trainer, pl_module) -> None:
-            self._t1, self._c1 = time.perf_counter(), time.process_time()
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        m = {k: float(v) for k, v in trainer.callback_metrics.items() if k in ("train_loss", "val_loss")}
+        self.best = min(self.best, m.get("val_loss", math.inf))
+        self.bar.set_postfix(train=f"{m.get('train_loss', math.nan):.4f}", val=f"{m.get('val_loss', math.nan):.4f}",
+                             best=f"{self.best:.4f}", refresh=False)
+        self.bar.update(1)
 
-        def on_validation_end(self, trainer, pl_module) -> None:
-            if trainer.sanity_checking:
-                return
-            val = float(trainer.callback_metrics["val_loss"])
-            now = time.perf_counter()
-            train_loss = pl_module.train_loss_epoch()
-            if trainer.world_size > 1:  # every rank saw a slice of each batch: sum over ranks
-                tot = trainer.strategy.reduce(torch.tensor([pl_module._sse, float(pl_module._n)],
-                                                           dtype=torch.float64, device=pl_module.device),
-                                              reduce_op="sum")
-                train_loss = float(tot[0] / max(float(tot[1]), 1.0))
-            row = {"epoch": trainer.current_epoch + 1, "train_loss": train_loss,
-                   "val_loss": val, "train_s": round(self._t1 - self._t0, 4), "val_s": round(now - self._t1, 4),
-                   "train_cpu_s": round(self._c1 - self._c0, 4)}
-            self.rows = [r for r in self.rows if r["epoch"] < row["epoch"]] + [row]
-            if self.bar is not None:
-                best = min(r["val_loss"] for r in self.rows)
-                self.bar.set_postfix(train=f"{row['train_loss']:.4f}", val=f"{val:.4f}", best=f"{best:.4f}",
-                                     refresh=False)
-                self.bar.update(1)
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
-        def on_fit_end(self, trainer, pl_module) -> None:
-            if self.bar is not None:
-                self.bar.close()
-            if trainer.world_size > 1:  # ddp_fork: only callback_metrics travel back to the parent
-                trainer.callback_metrics[HISTORY_METRIC] = torch.tensor(
-                    [[float(r[k]) for k in HISTORY_KEYS] for r in self.rows], dtype=torch.float64)
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        self.on_train_end(trainer, pl_module)
 
-        def on_exception(self, trainer, pl_module, exception) -> None:
-            self.on_fit_end(trainer, pl_module)
 
-        def state_dict(self) -> dict:
-            return {"rows": [dict(r) for r in self.rows]}
+def read_history(log_dir: str | Path) -> list[dict]:
+    """The per-epoch history of a training from the CSVLogger files under ``log_dir``.
 
-        def load_state_dict(self, state_dict) -> None:
-            self.rows = [dict(r) for r in state_dict.get("rows", [])]
+    Each attempt (the first fit, each resumption) writes ``version_<n>/metrics.csv``; an attempt
+    that starts at epoch e replaces the rows from epoch e on of the earlier ones, so the result is
+    the history of the run that produced the final weights.
 
-    return History()
+    Returns
+    -------
+    One dict per epoch with the keys of :data:`HISTORY_KEYS` (epoch 1-based; a value never
+    logged is NaN), sorted by epoch.
+    """
+    def version(path: Path) -> int:
+        return int(path.parent.name.rpartition("_")[2])
+
+    rows: dict[int, dict] = {}
+    for path in sorted(Path(log_dir).glob("version_*/metrics.csv"), key=version):
+        with path.open(newline="") as f:
+            records = [r for r in csv.DictReader(f) if r.get("epoch")]
+        if not records:
+            continue
+        first = min(int(float(r["epoch"])) for r in records) + 1
+        rows = {e: r for e, r in rows.items() if e < first}
+        for r in records:
+            e = int(float(r["epoch"])) + 1
+            rows.setdefault(e, {"epoch": e}).update({k: float(v) for k, v in r.items() if k in HISTORY_KEYS[1:] and v})
+    return [{k: row.get(k, math.nan) for k in HISTORY_KEYS} for _, row in sorted(rows.items())]
 
 
 @contextlib.contextmanager
@@ -471,6 +464,160 @@ def _load_ckpt_state(path: Path) -> dict:
     return {k.removeprefix("network."): v for k, v in ckpt["state_dict"].items()}
 
 
+def _train_split(catalogue: Catalogue, val_fraction: float, seed: int):
+    """(train rows, validation rows, target mean, target std) of the ``train`` split [log10 M]."""
+    rows = catalogue.rows("train")
+    if len(rows) == 0:
+        raise ClustermassError("the catalogue has no 'train' split to train on")
+    logm = catalogue.clusters["log_m200c"].to_numpy(dtype=np.float64)
+    if not np.isfinite(logm[rows]).all():
+        raise ClustermassError("training needs true masses, but the 'train' split has NaN log_m200c")
+    train_rows, val_rows = halo_split(catalogue, rows, val_fraction, seed)
+    t_mean, t_std = float(logm[train_rows].mean()), float(logm[train_rows].std())
+    return train_rows, val_rows, t_mean, t_std if t_std > 0 else 1.0
+
+
+def _resume_from(ckpt_dir: Path, fingerprint: dict, resume: bool | None) -> Path | None:
+    """``ckpt_dir/last.ckpt`` when the run should resume from it (see :func:`train_model`), else None."""
+    last, run_file = ckpt_dir / "last.ckpt", ckpt_dir / "run.json"
+    try:
+        state = json.loads(run_file.read_text()) if run_file.is_file() else None
+    except (OSError, json.JSONDecodeError):
+        state = None
+    if last.is_file() and state is not None and resume is not False and not _readable_checkpoint(last):
+        warnings.warn(f"checkpoint {last} cannot be read safely (truncated, or holds pickled objects); "
+                      "starting the training over", UserWarning, stacklevel=3)
+        state = None
+        if resume:
+            raise ClustermassError(f"cannot resume: checkpoint {last} is unreadable")
+    if resume is True and not last.is_file():
+        raise ClustermassError(f"cannot resume: no checkpoint {last}")
+    if last.is_file() and state is not None and resume is not False:
+        if state.get("fingerprint") != fingerprint:
+            if resume:
+                raise ClustermassError(
+                    f"cannot resume from {ckpt_dir}: it was made with other data or settings; "
+                    "use another --out or resume=False"
+                )
+        elif resume or not state.get("completed", False):
+            return last
+    return None
+
+
+@contextlib.contextmanager
+def _ddp_launch(kind: str, multi: bool):
+    """Bookkeeping around a fit that Lightning may launch on several processes.
+
+    Processes that Lightning relaunches (strategy ddp) rerun the command from the start; `run`
+    reads :data:`DDP_KIND_ENV` to train only this model in them (see pipeline.run_pipeline).
+    Lightning launches the processes itself when LOCAL_RANK is unset; it then leaves MASTER_PORT,
+    LOCAL_RANK, ... in this process's environment, which would make the next multi-device training
+    of `run` believe it was launched externally: they are restored afterwards. The ranks of this
+    fit end with it: a later training starts a new process group with new ranks.
+    """
+    own_launch = multi and "LOCAL_RANK" not in os.environ
+    saved_env = {k: os.environ.get(k) for k in _LAUNCH_ENV + (DDP_KIND_ENV,)}
+    if own_launch:
+        os.environ[DDP_KIND_ENV] = kind
+    try:
+        yield
+    finally:
+        if own_launch:
+            for k, v in saved_env.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+    if multi and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def _fit(module: Regressor, data: PhaseSpaceDataModule, kind: str, training: TrainingConfig, ckpt_dir: Path,
+         ckpt_path: Path | None, progress: bool, precision: str):
+    """Run Lightning's fit (early stopping, checkpoints, CSV metrics); returns (trainer, early, ckpt)."""
+    cuda = torch.cuda.is_available()
+    early = EarlyStopping(monitor="val_loss", mode="min", patience=training.patience)
+    ckpt = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val_loss", mode="min",
+                           save_top_k=1, save_last=True, enable_version_counter=False)
+    bar = [EpochProgressBar(training.max_epochs, f"train {kind}")] if progress else []
+    with _quiet_lightning():
+        trainer = pl.Trainer(
+            max_epochs=training.max_epochs, accelerator="gpu" if cuda else "cpu",
+            devices=training.devices, num_nodes=training.num_nodes, strategy=_strategy(training),
+            precision=precision, callbacks=[EpochTimes(), early, ckpt, *bar],
+            logger=CSVLogger(ckpt_dir, name="logs"), enable_model_summary=False, enable_progress_bar=progress,
+            num_sanity_val_steps=0, deterministic=not cuda, benchmark=cuda, use_distributed_sampler=False,
+            log_every_n_steps=1, default_root_dir=ckpt_dir.parent,
+        )
+        with _ddp_launch(kind, data.multi):
+            trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+    if trainer.interrupted:
+        raise ClustermassError(f"training interrupted; run again with the same --out to resume from "
+                               f"{ckpt_dir / 'last.ckpt'}")
+    return trainer, early, ckpt
+
+
+def _best_network(network: nn.Module, best_path: Path | None, ckpt_dir: Path, history: list[dict], lr: float):
+    """``network`` (CPU, float32, contiguous) holding the best checkpoint's weights; raises on divergence."""
+    if not history or not np.isfinite([r["val_loss"] for r in history]).any():
+        raise ClustermassError(
+            f"training diverged: the validation loss was never finite (lr = {lr:g}); "
+            "lower training.lr (e.g. --set training.lr=1e-4); no bundle written")
+    if best_path is None or not best_path.is_file():
+        raise ClustermassError(f"training produced no best checkpoint in {ckpt_dir}")
+    network = network.to("cpu").to(memory_format=torch.contiguous_format).float()
+    best_state = {k: v.contiguous() for k, v in _load_ckpt_state(best_path).items()}
+    network.load_state_dict(best_state)
+    if not all(torch.isfinite(v).all() for v in best_state.values() if v.is_floating_point()):
+        raise ClustermassError("training diverged: the best weights hold NaN/inf; lower training.lr; no bundle written")
+    return network
+
+
+def _bundle_meta(catalogue, kind, window, kde, training, seed, arch, network, fingerprint, target, data,
+                 history, stopped_early, precision, wall_s) -> dict:
+    """``model.json`` of a trained bundle: architecture, preprocessing, training record, versions."""
+    import lightning
+
+    from . import __version__
+
+    best_i = int(np.nanargmin([r["val_loss"] if np.isfinite(r["val_loss"]) else np.inf for r in history]))
+    halo = catalogue.clusters["halo_id"].to_numpy()
+    return {
+        "format": BUNDLE_FORMAT,
+        "format_version": BUNDLE_VERSION,
+        "kind": kind,
+        "fingerprint": fingerprint,
+        "architecture": {"kind": kind, "n_grid": kde.n_grid, "arch": arch, "n_parameters": count_parameters(network)},
+        "preprocessing": {
+            "window": window.model_dump(mode="json"),
+            "kde": kde.model_dump(mode="json"),
+            "target": {"mean": target[0], "std": target[1], "quantity": "log10(M200c / h^-1 Msun)"},
+        },
+        "training": {
+            **training.model_dump(mode="json"),
+            "model": kind,
+            "seed": int(seed),
+            "data_hash": fingerprint["data_hash"],
+            "n_train": int(len(data.train_rows)),
+            "n_val": int(len(data.val_rows)),
+            "val_halo_ids": sorted(int(h) for h in np.unique(halo[data.val_rows])),
+            "epochs_run": int(len(history)),
+            "best_epoch": int(history[best_i]["epoch"]),
+            "best_val_loss": float(history[best_i]["val_loss"]),
+            "stopped_early": bool(stopped_early),
+            "history": history,
+            "precision": precision,
+            "device": "cuda" if torch.cuda.is_available() else "cpu",
+            "inputs_cached": data.inputs_cached,
+            "wall_s": round(wall_s, 3),
+        },
+        "versions": {"clustermass": __version__, "torch": torch.__version__, "lightning": lightning.__version__},
+        # where the model may be applied: flux limit, distances and masses of its training mocks
+        "training_data": training_data_range(catalogue),
+        "calibration": None,
+    }
+
+
 def train_model(
     catalogue: Catalogue,
     kind: str,
@@ -495,6 +642,8 @@ def train_model(
     seed : seeds the validation draw, the weights, the batch order and the augmentation.
     out_dir : bundle directory; checkpoints go to ``out_dir/checkpoints``.
     progress : show a per-epoch progress bar with train/val loss (silent otherwise).
+        The per-epoch metrics are also written by Lightning's CSVLogger into
+        ``out_dir/checkpoints/logs/version_*/metrics.csv`` (one version per attempt).
     resume : None resumes when ``checkpoints/last.ckpt`` of an unfinished run with the same
         data and settings exists; True also continues a finished run (e.g. with more
         ``max_epochs``); False starts afresh.
@@ -520,239 +669,47 @@ def train_model(
     ``batch_size``, so results equal the single-device run up to floating-point reduction order.
     Each process builds the grid cache for itself (forked children share the parent's).
     """
-    pl = _lightning()
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
     ckpt_dir = out_dir / "checkpoints"
-    rows = catalogue.rows("train")
-    if len(rows) == 0:
-        raise ClustermassError("the catalogue has no 'train' split to train on")
-    logm = catalogue.clusters["log_m200c"].to_numpy(dtype=np.float64)
-    if not np.isfinite(logm[rows]).all():
-        raise ClustermassError("training needs true masses, but the 'train' split has NaN log_m200c")
-    train_rows, val_rows = halo_split(catalogue, rows, training.val_fraction, seed)
-    y_train = logm[train_rows]
-    t_mean, t_std = float(y_train.mean()), float(y_train.std())
-    if not t_std > 0:
-        t_std = 1.0
-    arch_full = {**default_arch(kind), **(arch or {})}
-    arch_full = json.loads(json.dumps(arch_full))  # tuples -> lists, JSON-ready
-    data_hash = catalogue.data_hash()
-    fingerprint = _run_fingerprint(kind, arch_full, window, kde, training, seed, data_hash)
-
-    # ---- resume or start afresh
-    last = ckpt_dir / "last.ckpt"
-    run_file = ckpt_dir / "run.json"
-    try:
-        state = json.loads(run_file.read_text()) if run_file.is_file() else None
-    except (OSError, json.JSONDecodeError):
-        state = None
-    if last.is_file() and state is not None and resume is not False and not _readable_checkpoint(last):
-        warnings.warn(f"checkpoint {last} cannot be read safely (truncated, or holds pickled objects); "
-                      "starting the training over", UserWarning, stacklevel=2)
-        state = None
-        if resume:
-            raise ClustermassError(f"cannot resume: checkpoint {last} is unreadable")
-    ckpt_path = None
-    if resume is True and not last.is_file():
-        raise ClustermassError(f"cannot resume: no checkpoint {last}")
-    if last.is_file() and state is not None and resume is not False:
-        if state.get("fingerprint") != fingerprint:
-            if resume:
-                raise ClustermassError(
-                    f"cannot resume from {ckpt_dir}: it was made with other data or settings; "
-                    "use another --out or resume=False"
-                )
-        elif resume or not state.get("completed", False):
-            ckpt_path = last
+    train_rows, val_rows, t_mean, t_std = _train_split(catalogue, training.val_fraction, seed)
+    arch_full = json.loads(json.dumps({**default_arch(kind), **(arch or {})}))  # tuples -> lists, JSON-ready
+    fingerprint = _run_fingerprint(kind, arch_full, window, kde, training, seed, catalogue.data_hash())
+    ckpt_path = _resume_from(ckpt_dir, fingerprint, resume)
     guard_output(out_dir, _existing_fingerprint(out_dir), fingerprint, overwrite, "a model bundle")
     rank = _launch_rank(training)  # under DDP only rank 0 touches the output directory
     if rank == 0:
         if ckpt_path is None and ckpt_dir.exists():
             shutil.rmtree(ckpt_dir)
         ckpt_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(run_file, {"fingerprint": fingerprint, "completed": False})
+        write_json_atomic(ckpt_dir / "run.json", {"fingerprint": fingerprint, "completed": False})
 
+    # the random streams in order: weights, then grids and batches (seeded by Lightning)
     pl.seed_everything(seed, workers=True, verbose=False)
     network = build_network(kind, kde.n_grid, **arch_full, target_mean=t_mean, target_std=t_std)
-    cuda = torch.cuda.is_available()
-    precision = _precision(training, cuda)
-    use_channels_last = kind in ("cnn3d", "cnn2d")  # faster convolutions on GPU and CPU (oneDNN)
-    network = channels_last(network, kind)
-    module = _make_module(network, training.lr, training.betas, use_channels_last)
-
-    # ---- data
-    device = torch.device("cuda") if cuda else torch.device("cpu")
-    multi = training.devices * training.num_nodes > 1
-    n_cells = kde.n_grid ** KIND_DIMS[kind]
-    cache_gb = (len(train_rows) + len(val_rows)) * n_cells * 4 / 1e9
-    # sky-plane symmetries change only the 3D cubes; (R_proj, v) and v are invariant
-    augment = training.augment if kind == "cnn3d" else "none"
-    rebuild = augment == "rotate"  # galaxies rotated every epoch: no fixed cubes
-    use_cache = training.cache_inputs and not rebuild and cache_gb <= training.cache_max_gb
-    # larger than the in-memory budget: the grids are built once into a memory-mapped file and
-    # read back batch by batch (the OS pages them in and out), so training data may exceed RAM
-    use_memmap = training.cache_inputs and not rebuild and not use_cache
-    # one file per launched process, beside (not inside) checkpoints/, which rank 0 may clear
-    memmap_file = out_dir / f".grids-rank{rank}.npy"
-    nw = training.num_workers
-    train_base = None
-    if use_cache:
-        both = _dataset(catalogue, np.concatenate([train_rows, val_rows]), kind, window, kde)
-        x, y = build_inputs(both, batch_size=max(training.batch_size, 64), num_workers=nw,
-                            progress=progress, desc=f"{kind} grids")
-        if cuda and not multi and cache_gb < 0.5 * torch.cuda.mem_get_info()[0] / 1e9:
-            x, y = x.to(device), y.to(device)
-        n_tr = len(train_rows)
-        symmetries = augment == "d4"
-        train_set = _TensorBatches(x[:n_tr], y[:n_tr], symmetries=symmetries, seed=seed)
-        val_set = _TensorBatches(x[n_tr:], y[n_tr:])
-        train_base = train_set  # receives set_epoch (symmetry draws per epoch)
-        workers = {"num_workers": 0}
-    elif use_memmap:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        both = _dataset(catalogue, np.concatenate([train_rows, val_rows]), kind, window, kde)
-        x, y = build_inputs_memmap(both, memmap_file, batch_size=max(training.batch_size, 64),
-                                   num_workers=nw, progress=progress, desc=f"{kind} grids (disk)")
-        n_tr = len(train_rows)
-        train_set = _TensorBatches(x[:n_tr], y[:n_tr], symmetries=augment == "d4", seed=seed)
-        val_set = _TensorBatches(x[n_tr:], y[n_tr:])
-        train_base = train_set
-        workers = {"num_workers": 0}
-    else:
-        train_base = _dataset(catalogue, train_rows, kind, window, kde,
-                              augment=augment if augment != "none" else False, seed=seed)
-        val_ds = _dataset(catalogue, val_rows, kind, window, kde)
-        train_set, val_set = _SubsetBatches(train_base), _SubsetBatches(val_ds)
-        # workers are re-spawned each epoch so they see the epoch's augmentation seed
-        workers = {"num_workers": nw, "persistent_workers": nw > 0 and augment == "none"}
-    pin = cuda and not (use_cache and x.is_cuda)
-    train_loader = torch.utils.data.DataLoader(
-        train_set, batch_size=None,
-        sampler=EpochBatchSampler(len(train_set), training.batch_size, seed, dataset=train_base),
-        pin_memory=pin, **workers)
-    val_loader = torch.utils.data.DataLoader(
-        val_set, batch_size=None, sampler=EpochBatchSampler(len(val_set), training.batch_size, seed, shuffle=False),
-        pin_memory=pin, **workers)
-
-    # ---- trainer
-    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
-
-    history = _make_history_callback(training.max_epochs, progress, f"train {kind}")
-    early = EarlyStopping(monitor="val_loss", mode="min", patience=training.patience)
-    ckpt = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val_loss", mode="min",
-                           save_top_k=1, save_last=True, enable_version_counter=False)
-    with _quiet_lightning():
-        trainer = pl.Trainer(
-            max_epochs=training.max_epochs, accelerator="gpu" if cuda else "cpu",
-            devices=training.devices, num_nodes=training.num_nodes, strategy=_strategy(training),
-            precision=precision, callbacks=[history, early, ckpt], logger=False,
-            enable_model_summary=False, enable_progress_bar=False, num_sanity_val_steps=0,
-            deterministic=not cuda, benchmark=cuda, use_distributed_sampler=False,
-            log_every_n_steps=1, default_root_dir=out_dir,
-        )
-        # processes that Lightning relaunches (strategy ddp) rerun the command from the start;
-        # `run` reads this to train only this model in them (see pipeline.run_pipeline)
-        # Lightning launches the processes itself when LOCAL_RANK is unset; it then leaves
-        # MASTER_PORT, LOCAL_RANK, ... in this process's environment, which would make the next
-        # multi-device training of `run` believe it was launched externally: restore them after
-        own_launch = multi and "LOCAL_RANK" not in os.environ
-        saved_env = {k: os.environ.get(k) for k in _LAUNCH_ENV + (DDP_KIND_ENV,)}
-        if own_launch:
-            os.environ[DDP_KIND_ENV] = kind
-        try:
-            trainer.fit(module, train_loader, val_loader, ckpt_path=ckpt_path)
-        finally:
-            if own_launch:
-                for k, v in saved_env.items():
-                    if v is None:
-                        os.environ.pop(k, None)
-                    else:
-                        os.environ[k] = v
-    if multi and torch.distributed.is_available() and torch.distributed.is_initialized():
-        # the ranks relaunched for this fit end with it: a later training (the next model of
-        # `run`) starts a new process group with new ranks
-        torch.distributed.destroy_process_group()
-    if trainer.interrupted:
-        raise ClustermassError(f"training interrupted; run again with the same --out to resume from {last}")
+    module = Regressor(channels_last(network, kind), training.lr, training.betas, memory_format(kind))
+    # one memmap file per launched process, beside (not inside) checkpoints/, which rank 0 may clear
+    data = PhaseSpaceDataModule(catalogue, kind, window, kde, training, train_rows, val_rows, seed,
+                                out_dir / f".grids-rank{rank}.npy", progress)
+    data.setup("fit")  # grids built here, before the ranks fork, so forked ranks share them
+    precision = _precision(training, torch.cuda.is_available())
+    trainer, early, ckpt = _fit(module, data, kind, training, ckpt_dir, ckpt_path, progress, precision)
+    data.release()
     if trainer.global_rank != 0:  # DDP: the other ranks are done; rank 0 writes the bundle
-        if use_memmap:
-            del train_set, val_set, train_loader, val_loader, x, y
-            memmap_file.unlink(missing_ok=True)
         return None
 
-    # ---- restore the best weights
-    if multi and HISTORY_METRIC in trainer.callback_metrics:  # ddp_fork trained in child processes
-        table = np.asarray(trainer.callback_metrics[HISTORY_METRIC], dtype=np.float64).reshape(-1, len(HISTORY_KEYS))
-        history.rows = [{k: (int(v) if k == "epoch" else float(v)) for k, v in zip(HISTORY_KEYS, row, strict=True)}
-                        for row in table]
-        if not ckpt.best_model_path and (ckpt_dir / "best.ckpt").is_file():
-            ckpt.best_model_path = str(ckpt_dir / "best.ckpt")
-    hist = history.rows
-    stopped_early = early.stopped_epoch > 0 or (multi and len(hist) < training.max_epochs)
-    if not hist or not np.isfinite([r["val_loss"] for r in hist]).any():
-        raise ClustermassError(
-            f"training diverged: the validation loss was never finite (lr = {training.lr:g}); "
-            "lower training.lr (e.g. --set training.lr=1e-4); no bundle written")
-    best_path = Path(ckpt.best_model_path) if ckpt.best_model_path else None
-    if best_path is None or not best_path.is_file():
-        raise ClustermassError(f"training produced no best checkpoint in {ckpt_dir}")
-    network = network.to("cpu").to(memory_format=torch.contiguous_format).float()
-    best_state = {k: v.contiguous() for k, v in _load_ckpt_state(best_path).items()}
-    network.load_state_dict(best_state)
-    if not all(torch.isfinite(v).all() for v in best_state.values() if v.is_floating_point()):
-        raise ClustermassError("training diverged: the best weights hold NaN/inf; lower training.lr; no bundle written")
-    best_i = int(np.nanargmin([r["val_loss"] if np.isfinite(r["val_loss"]) else np.inf for r in hist]))
-    write_json_atomic(run_file, {"fingerprint": fingerprint, "completed": True})
-    if use_memmap:
-        del train_set, val_set, train_loader, val_loader, x, y
-        memmap_file.unlink(missing_ok=True)
-
-    import lightning
-
-    from . import __version__
-
-    meta = {
-        "format": BUNDLE_FORMAT,
-        "format_version": BUNDLE_VERSION,
-        "kind": kind,
-        "fingerprint": fingerprint,
-        "architecture": {"kind": kind, "n_grid": kde.n_grid, "arch": arch_full,
-                         "n_parameters": count_parameters(network)},
-        "preprocessing": {
-            "window": window.model_dump(mode="json"),
-            "kde": kde.model_dump(mode="json"),
-            "target": {"mean": t_mean, "std": t_std, "quantity": "log10(M200c / h^-1 Msun)"},
-        },
-        "training": {
-            **training.model_dump(mode="json"),
-            "model": kind,
-            "seed": int(seed),
-            "data_hash": data_hash,
-            "n_train": int(len(train_rows)),
-            "n_val": int(len(val_rows)),
-            "val_halo_ids": sorted(int(h) for h in np.unique(catalogue.clusters["halo_id"].to_numpy()[val_rows])),
-            "epochs_run": int(len(hist)),
-            "best_epoch": int(hist[best_i]["epoch"]),
-            "best_val_loss": float(hist[best_i]["val_loss"]),
-            "stopped_early": bool(stopped_early),
-            "history": hist,
-            "precision": precision,
-            "device": "cuda" if cuda else "cpu",
-            "inputs_cached": "disk" if use_memmap else bool(use_cache),
-            "wall_s": round(time.perf_counter() - t0, 3),
-        },
-        "versions": {"clustermass": __version__, "torch": torch.__version__,
-                     "lightning": lightning.__version__},
-        # where the model may be applied: flux limit, distances and masses of its training mocks
-        "training_data": training_data_range(catalogue),
-        "calibration": None,
-    }
+    history = read_history(ckpt_dir / "logs")  # written by rank 0, also under ddp_fork
+    best = ckpt.best_model_path or (ckpt_dir / "best.ckpt")  # ddp_fork: the parent's callback saw no fit
+    network = _best_network(module.network, Path(best), ckpt_dir, history, training.lr)
+    stopped_early = early.stopped_epoch > 0 or (data.multi and len(history) < training.max_epochs)
+    write_json_atomic(ckpt_dir / "run.json", {"fingerprint": fingerprint, "completed": True})
+    meta = _bundle_meta(catalogue, kind, window, kde, training, seed, arch_full, network, fingerprint,
+                        (t_mean, t_std), data, history, stopped_early, precision, time.perf_counter() - t0)
     bundle = ModelBundle(kind, window, kde, network, meta)
     (out_dir / CALIBRATION_FILE).unlink(missing_ok=True)  # a calibration of earlier weights is stale
     bundle.save(out_dir)
     from .plots.training import plot_loss_curve
 
-    plot_loss_curve(hist, out_dir / "loss_curve.png", best_epoch=meta["training"]["best_epoch"],
+    plot_loss_curve(history, out_dir / "loss_curve.png", best_epoch=meta["training"]["best_epoch"],
                     title=f"{kind}: MSE of log10 M200c")
     return bundle
