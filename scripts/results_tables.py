@@ -21,7 +21,8 @@ import pandas as pd
 from clustermass._io import write_json_atomic
 
 LABELS = {"cnn3d": "CNN_3D", "cnn2d": "CNN_2D", "cnn1d": "CNN_1D",
-          "sigma_evrard": "sigma_v (gapper + biweight, Evrard 2008)", "virial": "virial estimator"}
+          "sigma_evrard": "sigma_v (gapper + biweight, Evrard 2008)", "virial": "virial estimator",
+          "caustic": "caustic (Diaferio 1999; Serra et al. 2011)"}
 
 
 def _posteriors(run: Path, name: str, primary: str) -> pd.DataFrame:
@@ -31,15 +32,17 @@ def _posteriors(run: Path, name: str, primary: str) -> pd.DataFrame:
 def method_table(metrics: dict) -> tuple[str, dict]:
     rows, out = [], {}
     head = ("| method | raw eps mean / std [dex] | posterior-median eps mean / std [dex] | mean 68% width [dex] "
-            "| coverage 68% | coverage 95% | sigma_N [dex] | sigma_0 [dex] |\n|---|---|---|---|---|---|---|---|")
+            "| coverage 68% | coverage 95% | sigma_N [dex] | sigma_0 [dex] | time per cluster [ms] |"
+            "\n|---|---|---|---|---|---|---|---|---|")
     for name, m in metrics["models"].items():
         out[name] = {k: m.get(k) for k in ("eps_raw_mean", "eps_raw_std", "eps_mean", "eps_std", "width_68",
                                           "coverage_68", "coverage_95", "sigma_N", "sigma_N_err", "sigma_0",
-                                          "sigma_0_err")}
+                                          "sigma_0_err", "time_per_cluster_ms")}
+        ms = m.get("time_per_cluster_ms")
         rows.append(f"| {LABELS.get(name, name)} | {m['eps_raw_mean']:+.3f} / {m['eps_raw_std']:.3f} "
                     f"| {m['eps_mean']:+.3f} / {m['eps_std']:.3f} | {m['width_68']:.3f} | {m['coverage_68']:.3f} "
                     f"| {m['coverage_95']:.3f} | {m['sigma_N']:.3f} ± {m['sigma_N_err']:.3f} "
-                    f"| {m['sigma_0']:.3f} ± {m['sigma_0_err']:.3f} |")
+                    f"| {m['sigma_0']:.3f} ± {m['sigma_0_err']:.3f} | {'-' if ms is None else f'{ms:.2f}'} |")
     return head + "\n" + "\n".join(rows), out
 
 

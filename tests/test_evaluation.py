@@ -174,14 +174,23 @@ def test_evaluate_with_bundles_and_baselines(tmp_path, evrard_catalogue):
     cat = evrard_catalogue(seed=1)
     bundles = {"cnn3d": FakeBundle("cnn3d", 0.08, cat, 1), "cnn1d": FakeBundle("cnn1d", 0.2, cat, 2)}
     m = ev.evaluate(bundles, cat, tmp_path, primary="cnn3d", progress=False)
-    assert set(m["models"]) == {"cnn3d", "cnn1d", "sigma_evrard", "virial"}
+    assert set(m["models"]) == {"cnn3d", "cnn1d", "sigma_evrard", "virial", "caustic"}
     post = pd.read_parquet(tmp_path / "posteriors.parquet")
     assert len(post) == len(cat.rows("eval"))
     for col in ["diagram_id", "log_m_true", *ev.SUMMARY_COLUMNS]:
         assert col in post.columns
     assert post["diagram_id"].tolist() == cat.clusters["diagram_id"].to_numpy()[cat.rows("eval")].tolist()
-    for name in ("cnn1d", "sigma_evrard", "virial"):
+    for name in ("cnn1d", "sigma_evrard", "virial", "caustic"):
         assert (tmp_path / f"posteriors_{name}.parquet").is_file()
+    # the caustic baseline: same metrics as the others, a loadable bundle; every model is timed
+    assert set(m["models"]["caustic"]) == set(m["models"]["sigma_evrard"]) == set(m["models"]["cnn3d"])
+    assert all(0 < mm["time_per_cluster_ms"] < 1e4 for mm in m["models"].values())
+    assert m["time_per_cluster_ms"] == m["models"]["cnn3d"]["time_per_cluster_ms"]
+    from clustermass.bundle import BaselineBundle, load_model
+
+    cb = load_model(tmp_path / "models" / "caustic")
+    assert isinstance(cb, BaselineBundle) and cb.kind == "caustic"
+    assert np.isfinite(m["models"]["caustic"]["eps_std"])
     assert (tmp_path / "contamination.parquet").is_file()
     for fig in ("coverage", "pit", "coverage_by_mass", "tarp", "joint_pdf", "example_posterior"):
         assert (tmp_path / "figures" / f"{fig}.png").is_file(), fig

@@ -50,7 +50,7 @@ def test_run_pipeline_tiny(tmp_path):
     from clustermass.catalog import read_catalogue
     from clustermass.inference import posterior_table
 
-    for name in ("sigma_evrard", "virial"):
+    for name in ("sigma_evrard", "virial", "caustic"):
         b = load_model(out / "models" / name)
         assert isinstance(b, BaselineBundle) and b.kind == name
     cat = read_catalogue(out / "catalogue")

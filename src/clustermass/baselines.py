@@ -4,7 +4,7 @@ Each estimator takes one diagram's galaxies (``x_proj, y_proj`` [h^-1 Mpc], ``v_
 relative to the cluster centre) and returns a :class:`BaselineEstimate` whose ``log_m`` is
 log10(M / h^-1 Msun), or NaN with a ``reason`` when it cannot be computed.
 
-Interloper removal: the *shifting gapper* (Fadda et al. 1996, ApJ 473, 670; as used e.g. by
+Interloper removal (:mod:`clustermass.membership`): the *shifting gapper* (Fadda et al. 1996, ApJ 473, 670; as used e.g. by
 Wing & Blanton 2011, AJ 141, 88): galaxies are sorted by projected radius and grouped into
 radial bins at least ``bin_width = 0.4 h^-1 Mpc`` wide holding at least ``min_per_bin = 15``
 galaxies (a short last bin joins the previous one); in each bin the velocities are sorted and
@@ -24,26 +24,39 @@ Estimators
   virial radius ``R_PV = N (N-1) / sum_{i<j} 1/R_ij`` of the cleaned galaxies; no surface
   pressure term, so it measures the mass inside the window, not M200c.
 
-Neither raw value is expected to equal log M200c: like a network output, it plays the role of
+* ``caustic``: the caustic mass (Diaferio & Geller 1997; Diaferio 1999; Serra et al. 2011) of
+  :mod:`clustermass.caustic`: the escape-velocity envelope of the redshift diagram (an adaptive
+  kernel density of all galaxies inside the window's largest annulus, thresholded where
+  ``<v_esc^2> = 4 <v^2>`` of the gapper's members) turned into ``M(<r) = F_beta/G int A^2 dr``
+  with ``F_beta = 0.7``, read at R200c (mean density 200 rho_c(z)).
+
+None of the raw values is expected to equal log M200c: like a network output, it plays the role of
 the summary ``d_pred`` and is calibrated with the joint-KDE posterior on the test split
 (:func:`clustermass.evaluation.evaluate`).
 """
 
 from __future__ import annotations
 
+import time
+from collections import Counter
 from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
 
 from . import cosmology
+from .membership import shifting_gapper
+
+__all__ = ["BASELINES", "BaselineEstimate", "biweight_sigma", "evrard_log_m", "evrard_sigma",
+           "projected_virial_radius", "run_baselines", "shifting_gapper", "velocity_dispersion_mass",
+           "virial_log_m", "virial_mass"]
 
 #: Evrard et al. 2008 M-sigma relation: sigma_15 [km/s] and slope alpha
 EVRARD_SIGMA_15 = 1082.9
 EVRARD_ALPHA = 0.3361
 
 #: baseline name -> column of :func:`run_baselines` holding its raw log M
-BASELINES = {"sigma_evrard": "log_m_sigma", "virial": "log_m_virial"}
+BASELINES = {"sigma_evrard": "log_m_sigma", "virial": "log_m_virial", "caustic": "log_m_caustic"}
 
 
 class BaselineEstimate(NamedTuple):
@@ -53,80 +66,6 @@ class BaselineEstimate(NamedTuple):
     sigma_v: float  #: biweight velocity dispersion of the cleaned galaxies [km/s]
     n_used: int  #: galaxies left after interloper removal
     reason: str  #: empty on success, why log_m is NaN otherwise
-
-
-# ---------------------------------------------------------------------- interloper removal
-def _radial_bins(r_sorted: np.ndarray, bin_width: float, min_per_bin: int) -> list[slice]:
-    n = len(r_sorted)
-    bins: list[slice] = []
-    start, lo = 0, 0.0
-    while start < n:
-        end = int(np.searchsorted(r_sorted, lo + bin_width, side="left"))
-        end = max(end, start + min_per_bin)
-        end = min(end, n)
-        bins.append(slice(start, end))
-        if end < n:
-            lo = max(lo + bin_width, float(r_sorted[end - 1]))
-        start = end
-    if len(bins) > 1 and bins[-1].stop - bins[-1].start < min_per_bin:
-        last = bins.pop()
-        bins[-1] = slice(bins[-1].start, last.stop)
-    return bins
-
-
-def shifting_gapper(
-    r_proj,
-    v_los,
-    gap: float = 1000.0,
-    bin_width: float = 0.4,
-    min_per_bin: int = 15,
-    v_centre: float = 0.0,
-    max_iter: int = 50,
-) -> np.ndarray:
-    """Shifting-gapper membership (Fadda et al. 1996).
-
-    Parameters
-    ----------
-    r_proj : array_like
-        Projected radii [h^-1 Mpc].
-    v_los : array_like
-        Line-of-sight velocities relative to the centre [km/s].
-    gap : float
-        Velocity gap separating groups [km/s].
-    bin_width : float
-        Minimum radial bin width [h^-1 Mpc].
-    min_per_bin : int
-        Minimum galaxies per radial bin.
-    v_centre : float
-        Velocity of the cluster [km/s]; the group nearest to it is kept.
-    max_iter : int
-        Iteration cap.
-
-    Returns
-    -------
-    ndarray of bool
-        True for the galaxies kept as members.
-    """
-    r = np.asarray(r_proj, dtype=float)
-    v = np.asarray(v_los, dtype=float)
-    keep = np.ones(len(r), dtype=bool)
-    for _ in range(max_iter):
-        idx = np.flatnonzero(keep)
-        if len(idx) < 2:
-            break
-        idx = idx[np.argsort(r[idx], kind="stable")]
-        new = keep.copy()
-        for b in _radial_bins(r[idx], bin_width, min_per_bin):
-            members = idx[b]
-            vs_order = np.argsort(v[members], kind="stable")
-            vs = v[members][vs_order]
-            group = np.concatenate([[0], np.cumsum(np.diff(vs) > gap)])
-            main = group[np.argmin(np.abs(vs - v_centre))]
-            new[members[vs_order[group != main]]] = False
-        if (new == keep).all():
-            break
-        keep = new
-    return keep
 
 
 # ---------------------------------------------------------------------- M-sigma and virial
@@ -239,35 +178,107 @@ def virial_mass(
     return BaselineEstimate(float(virial_log_m(s, r_pv)), s, len(pts), "")
 
 
-def run_baselines(catalogue, rows=None, progress: bool = True, min_galaxies: int = 5, gapper_kw: dict | None = None) -> pd.DataFrame:
-    """Both estimators on the given cluster rows of a catalogue.
+def run_baselines(catalogue, rows=None, progress: bool = True, min_galaxies: int = 5,
+                  gapper_kw: dict | None = None, methods=None, window=None) -> pd.DataFrame:
+    """The classical estimators on the given cluster rows of a catalogue.
+
+    Parameters
+    ----------
+    catalogue : Catalogue
+    rows : array_like, optional
+        Cluster rows (default all).
+    progress : bool
+        Show a progress bar.
+    min_galaxies : int
+        Fewest galaxies (before and after the gapper) for ``sigma_evrard`` and ``virial``
+        (the caustic's own minimum is :func:`clustermass.caustic.caustic_mass`'s ``min_galaxies``).
+    gapper_kw : dict, optional
+        Keyword arguments of :func:`shifting_gapper` (its members are shared by all three).
+    methods : iterable of str, optional
+        Names of :data:`BASELINES` to compute (default all); the others' columns are NaN.
+    window : WindowConfig, optional
+        Window of the diagrams (``r_max`` [h^-1 Mpc], ``v_max`` [km/s]: the caustic's redshift
+        diagram); default 1.6 h^-1 Mpc and 2200 km/s.
 
     Returns
     -------
     DataFrame
-        ``diagram_id, sigma_v`` [km/s], ``n_clean``, ``log_m_sigma``, ``log_m_virial``
-        (raw log10 M [h^-1 Msun], NaN on failure), ``reason``.
+        ``diagram_id, sigma_v`` [km/s], ``log_m_sigma``, ``log_m_virial``, ``log_m_caustic``
+        (raw log10 M [h^-1 Msun], NaN on failure), ``r200_caustic`` [h^-1 Mpc],
+        ``caustic_extrapolated`` (R200c beyond r_max), ``n_clean``, ``reason`` (sigma/virial) and
+        ``reason_caustic`` (empty on success), and ``time_ms_<name>`` (wall time of each
+        estimator on each diagram [ms], the shared gapper included).
+        ``attrs["failures"]``: ``{name: {reason: count}}`` of the diagrams without an estimate.
     """
     from tqdm.auto import tqdm
 
+    from .caustic import caustic_mass
+
+    methods = list(BASELINES) if methods is None else list(methods)
+    unknown = [m for m in methods if m not in BASELINES]
+    if unknown:
+        raise ValueError(f"unknown classical estimator(s) {unknown}; one of {list(BASELINES)}")
+    r_max = float(getattr(window, "r_max", 1.6))
+    v_max = float(getattr(window, "v_max", 2200.0))
     rows = np.arange(len(catalogue)) if rows is None else np.asarray(rows)
     z = catalogue.clusters["redshift"].to_numpy(float)
     ids = catalogue.clusters["diagram_id"].to_numpy()
-    out = {k: np.full(len(rows), np.nan) for k in ("sigma_v", "log_m_sigma", "log_m_virial")}
+    nan_cols = ("sigma_v", "log_m_sigma", "log_m_virial", "log_m_caustic", "r200_caustic")
+    out = {k: np.full(len(rows), np.nan) for k in nan_cols}
+    times = {m: np.zeros(len(rows)) for m in BASELINES}
+    extrap = np.zeros(len(rows), dtype=bool)
     n_clean = np.zeros(len(rows), dtype=np.int64)
     reasons = [""] * len(rows)
+    reasons_c = [""] * len(rows)
+    want_sv = "sigma_evrard" in methods or "virial" in methods
     for k, row in enumerate(tqdm(rows, desc="baselines", disable=not progress)):
-        pts, reason = _clean(catalogue.points(int(row)), True, min_galaxies, gapper_kw)
-        if pts is None:
-            reasons[k] = reason
+        t0 = time.perf_counter()
+        pts = np.asarray(catalogue.points(int(row)), dtype=float)
+        keep = (shifting_gapper(np.hypot(pts[:, 0], pts[:, 1]), pts[:, 2], **(gapper_kw or {}))
+                if len(pts) >= 2 else np.ones(len(pts), dtype=bool))
+        t_gap = time.perf_counter() - t0
+        if "caustic" in methods:
+            t1 = time.perf_counter()
+            try:
+                est = caustic_mass(pts, z[row], r_max=r_max, v_max=v_max, members=keep)
+                out["log_m_caustic"][k], out["r200_caustic"][k] = est.log_m, est.r200
+                extrap[k], reasons_c[k] = est.extrapolated, est.reason
+            except (ValueError, FloatingPointError, ZeroDivisionError) as exc:  # counted, not fatal
+                reasons_c[k] = f"numerical failure: {type(exc).__name__}"
+            times["caustic"][k] = t_gap + time.perf_counter() - t1
+        if not want_sv:
             continue
-        s = biweight_sigma(pts[:, 2])
-        n_clean[k] = len(pts)
+        t1 = time.perf_counter()
+        if len(pts) < min_galaxies:
+            reasons[k] = f"too few galaxies ({len(pts)} < {min_galaxies})"
+            continue
+        cln = pts[keep]
+        if len(cln) < min_galaxies:
+            reasons[k] = f"too few galaxies after the gapper ({len(cln)} < {min_galaxies})"
+            continue
+        s = biweight_sigma(cln[:, 2])
+        n_clean[k] = len(cln)
         out["sigma_v"][k] = s
         if not (np.isfinite(s) and s > 0):
             reasons[k] = "zero velocity dispersion"
             continue
-        out["log_m_sigma"][k] = evrard_log_m(s, z[row])
-        r_pv = projected_virial_radius(pts[:, 0], pts[:, 1])
-        out["log_m_virial"][k] = virial_log_m(s, r_pv) if np.isfinite(r_pv) else np.nan
-    return pd.DataFrame({"diagram_id": ids[rows], **out, "n_clean": n_clean, "reason": reasons})
+        t_s = time.perf_counter() - t1
+        if "sigma_evrard" in methods:
+            out["log_m_sigma"][k] = evrard_log_m(s, z[row])
+            times["sigma_evrard"][k] = t_gap + t_s
+        if "virial" in methods:
+            t2 = time.perf_counter()
+            r_pv = projected_virial_radius(cln[:, 0], cln[:, 1])
+            out["log_m_virial"][k] = virial_log_m(s, r_pv) if np.isfinite(r_pv) else np.nan
+            times["virial"][k] = t_gap + t_s + time.perf_counter() - t2
+    df = pd.DataFrame({"diagram_id": ids[rows], **out, "caustic_extrapolated": extrap, "n_clean": n_clean,
+                       "reason": reasons, "reason_caustic": reasons_c,
+                       **{f"time_ms_{m}": 1e3 * t for m, t in times.items()}})
+    failures = {}
+    for name, col in BASELINES.items():
+        if name in methods:
+            why = df["reason_caustic" if name == "caustic" else "reason"]
+            bad = ~np.isfinite(df[col].to_numpy(float))
+            failures[name] = dict(Counter(str(r) or "non-finite estimate" for r in why[bad]))
+    df.attrs["failures"] = failures
+    return df

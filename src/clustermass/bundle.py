@@ -338,7 +338,8 @@ class BaselineBundle:
     """A calibrated classical estimator, usable wherever a network bundle is (``infer``).
 
     ``kind`` is ``sigma_evrard`` (shifting-gapper + biweight velocity dispersion through the
-    Evrard et al. 2008 relation) or ``virial`` (the projected virial estimator), from
+    Evrard et al. 2008 relation), ``virial`` (the projected virial estimator) or ``caustic``
+    (the caustic mass of :mod:`clustermass.caustic`, on the bundle's window), from
     :mod:`clustermass.baselines`; ``evaluate`` writes one per estimator into ``OUT/models/<kind>``
     with the calibration it fitted on the test split, so users can compare them with the network
     on their own data: ``clustermass infer --model runs/quick/models/sigma_evrard ...``.
@@ -363,7 +364,7 @@ class BaselineBundle:
         from .baselines import BASELINES, run_baselines
 
         rows = catalogue.rows() if rows is None else np.asarray(rows)
-        raw = run_baselines(catalogue, rows, progress=progress)
+        raw = run_baselines(catalogue, rows, progress=progress, methods=[self.kind], window=self.window)
         return raw[BASELINES[self.kind]].to_numpy(dtype=np.float64)
 
     @classmethod

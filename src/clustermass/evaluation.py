@@ -26,6 +26,11 @@ Conventions (docs/design.md):
   errors from the Fisher matrix) or by a weighted fit of binned variances
   (``scipy.optimize.curve_fit``). The velocity-dispersion-only reference is
   ``3 / (sqrt(2 N_mem) ln 10)``.
+* inference time (``time_per_cluster_ms`` of each model in :func:`evaluate`): wall time from a
+  catalogue diagram to its posterior summary, per evaluated cluster [ms], on the evaluating
+  machine: for network bundles the whole ``posterior_table`` call (window selection, KDE cube,
+  network, posterior); for the classical estimators their per-diagram time on the evaluated
+  rows (shared gapper included) plus their ``posterior_table`` call. Calibration is not counted.
 
 :func:`evaluate_predictions` works on plain tables (posterior summaries per model);
 :func:`evaluate` runs model bundles and the classical baselines and writes
@@ -36,6 +41,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from pathlib import Path
 
 import numpy as np
@@ -743,15 +749,18 @@ def evaluate(
     from .inference import posterior_table
 
     keep = [*SUMMARY_COLUMNS, "out_of_range", "conditioned_on", "cond_z", "cond_log_n_gal"]
+    times: dict[str, float] = {}  # inference time per cluster [ms]: diagram -> posterior
     for name, bundle in tqdm(list(bundles.items()), desc="models", disable=not progress):
+        t0 = time.perf_counter()
         table = posterior_table(bundle, catalogue, rows)
+        times[name] = 1e3 * (time.perf_counter() - t0) / len(rows)
         results[name] = table[keep].reset_index(drop=True)
         posteriors[name] = bundle.calibrated()
     ref = bundles.get(primary) or (next(iter(bundles.values())) if bundles else None)
     ref_cal = ref.calibrated(required=False) if ref is not None else None
     if calibration_bandwidth is None:
         calibration_bandwidth = ref_cal.bandwidth if ref_cal is not None else 0.30
-    notes = []
+    notes, failure_notes = [], []
     window = getattr(ref, "window", None)
     if baselines:
         from .baselines import BASELINES, run_baselines
@@ -766,9 +775,13 @@ def evaluate(
                 "mean_degree": ref_cal.mean_degree if ref_cal else dflt.mean_degree,
                 "heteroscedastic": ref_cal.heteroscedastic if ref_cal else dflt.heteroscedastic}
         cal_rows = catalogue.rows(calibration_split)
-        raw = run_baselines(catalogue, np.concatenate([cal_rows, rows]), progress=progress)
+        raw = run_baselines(catalogue, np.concatenate([cal_rows, rows]), progress=progress, window=window)
         t_cal = catalogue.clusters["log_m200c"].to_numpy(float)[cal_rows]
         cond_cal = cluster_conditions(catalogue, cal_rows, window)
+        for name, why in raw.attrs.get("failures", {}).items():
+            if why:  # NaN estimates are calibrated and evaluated as failures; say how many and why
+                failure_notes.append(f"baseline {name}: no estimate for {sum(why.values())} of {len(raw)} diagrams ("
+                             + "; ".join(f"{k}: {c}" for k, c in sorted(why.items())) + ")")
         for name, col in BASELINES.items():
             v = raw[col].to_numpy(float)
             try:  # the same calibration and table builder as the networks
@@ -778,8 +791,12 @@ def evaluate(
                                                       bandwidth=calibration_bandwidth, **opts)
                 cal = fit_calibration(v[: len(cal_rows)], t_cal, cond_cal, bandwidth=calibration_bandwidth,
                                       conditioning=tuple(chosen), **opts)
+                t0 = time.perf_counter()
                 table = posterior_table(None, catalogue, rows, calibration=cal, d_pred=v[len(cal_rows):],
                                         window=window)
+                # the estimator on the evaluated diagrams (its gapper included) + their posteriors
+                times[name] = (float(raw[f"time_ms_{name}"].to_numpy()[len(cal_rows):].mean())
+                               + 1e3 * (time.perf_counter() - t0) / len(rows))
                 results[name], posteriors[name] = table[keep].reset_index(drop=True), cal
                 # the calibrated estimator as a bundle, for `infer --model OUT/models/<name>`
                 BaselineBundle.write(name, window, cal, out_dir / "models" / name,
@@ -810,7 +827,12 @@ def evaluate(
         catalogue, rows, results, out_dir=None, primary=primary, posteriors=posteriors,
         contamination=contam, figures=False, split=split, richness_method=richness_method,
     )
-    metrics["notes"] = notes
+    for name, ms in times.items():
+        if name in metrics["models"]:
+            metrics["models"][name]["time_per_cluster_ms"] = ms
+    if primary in times:
+        metrics["time_per_cluster_ms"] = times[primary]
+    metrics["notes"] = notes + failure_notes
     if figures:
         metrics["figures"] = _make_figures(
             catalogue, rows, results, t, catalogue.clusters["n_mem"].to_numpy(float)[rows], primary,

@@ -60,6 +60,7 @@ TABLE_COLUMNS = [
     ("worst_group_median_deviation", "worst tercile |P(&lt;med) &minus; &frac12;|", "{:.3f}"),
     ("n_eval", "N", "{:d}"),
     ("n_failed", "failed", "{:d}"),
+    ("time_per_cluster_ms", "time / cluster [ms]", "{:.2f}"),
 ]
 
 CSS = """
