@@ -136,6 +136,7 @@ _MAX_HALVINGS = 4  # node-spacing halvings of the interpolation check before cel
 _GRID_SIGMAS = 8.0  # u grid reaches this many s beyond the outermost component
 _LOWRANK_TOL = 1e-9  # largest residual of the low-rank component tables (CDF units)
 _GROUP = 128  # queries per kd group of the fast path
+_PAIR_BLOCK = 4096  # pairs per block of the fast path's products (a 4 MB block of weights)
 _THIN_MASS = 1e-3  # below this untruncated mass inside the prior range the fast path goes direct
 
 
@@ -725,16 +726,22 @@ class JointKDEPosterior:
             dc = yc - ctr
             near = np.einsum("ij,ij->i", dc, dc) <= reach * reach
             if near.mean() > 0.8:  # keeping every pair costs less than gathering most of them
-                logw, ext_c = q[g] @ aug, ext
+                aug_c, ext_c = aug, ext
             else:
                 cand = np.flatnonzero(near)
-                logw, ext_c = q[g] @ aug[:, cand], ext[cand]
+                aug_c, ext_c = aug[:, cand], ext[cand]
+            qg = q[g]
             if float(np.max(ub[g] - lb[g])) > 600.0:  # exp would underflow: shift by the exact max
-                mx = logw.max(1)
-                logw -= mx[:, None]
+                mx = (qg @ aug_c).max(1)
+                qg = qg.copy()
+                qg[:, -1] -= mx
                 shift[g] += mx
-            np.exp(logw, out=logw)
-            coef[g] = logw @ ext_c
+            acc = np.zeros((len(g), r + 3))
+            for i0 in range(0, ext_c.shape[0], _PAIR_BLOCK):  # memory bounded for any number of pairs
+                logw = qg @ aug_c[:, i0 : i0 + _PAIR_BLOCK]
+                np.exp(logw, out=logw)
+                acc += logw @ ext_c[i0 : i0 + _PAIR_BLOCK]
+            coef[g] = acc
 
         for g in _kd_groups(y, _GROUP):
             run(g)
