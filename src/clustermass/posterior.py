@@ -41,6 +41,25 @@ Exactness and speed
   (error below 2.6e-8 for spacing s/4), solved by a safeguarded Newton iteration. The mean is
   closed form. The MAP is the highest local maximum of the quintic Hermite interpolant of
   (f, f', f'') over the grid cells where f' changes sign, each refined by safeguarded Newton.
+* k > 1 (``method="exact"``, the default there): every posterior is solved exactly from the
+  same tables, computed without touching each component's grid values per posterior.
+  (1) Weight cut: a component is dropped only where its weight is below ``weight_cut`` (1e-12)
+  times the largest at x, so the dropped posterior mass is < ``N weight_cut`` (2e-8 for N = 2e4).
+  The radius that guarantees this comes from x's 4 nearest pairs (cKDTree on the whitened
+  pairs); queries are grouped by kd splits (128 per group) and each group takes the pairs
+  within its bounding ball plus its largest radius. (2) Low rank: each component's tables on
+  the u grid (CDF, density and two derivatives, partial mean) are ``A_i = P_i V`` with V an
+  orthonormal basis of r rows (SVD of the rows on a fine u grid, r the smallest rank whose
+  largest residual on the pairs' own rows is < 1e-9: ``lowrank_rank_``, ``lowrank_error_``), so
+  a group's tables are ``(w @ P) @ V``: two matrix products, N r instead of N G work per
+  posterior. The prior-edge normalisation and the truncated mean use the quintic Hermite
+  interpolant of the untruncated CDF and partial mean at the edges (< 3e-8); where less than
+  1e-3 of the untruncated mass lies inside the prior range (far outside the calibration,
+  flagged) the tables are computed directly. The pairs' kernel weight ``n_eff`` (the
+  out-of-range flag) comes from the same products; values below ``min_neighbours`` are
+  recomputed without the cut, so the flags are those of the direct sum. ``method="direct"``
+  evaluates every component on the grid (the reference; tests/test_posterior.py holds the two
+  to 1e-7 dex, measured ~1e-10).
 * Many posteriors (``method="auto"``): the summaries are smooth (analytic) functions of ``d`` on
   the scale ``sigma_d``, so the grid tables are computed exactly on nodes spaced
   ``node_spacing * sigma_d``, interpolated with cubic splines, and the interpolated quantiles
@@ -115,6 +134,10 @@ _SQRT2PI = math.sqrt(2.0 * math.pi)
 _BLOCK = 2_000_000  # elements of one (posteriors x components) block: ~16 MB
 _MAX_HALVINGS = 4  # node-spacing halvings of the interpolation check before cells go exact
 _GRID_SIGMAS = 8.0  # u grid reaches this many s beyond the outermost component
+_LOWRANK_TOL = 1e-9  # largest residual of the low-rank component tables (CDF units)
+_GROUP = 128  # queries per kd group of the fast path
+_PAIR_BLOCK = 4096  # pairs per block of the fast path's products (a 4 MB block of weights)
+_THIN_MASS = 1e-3  # below this untruncated mass inside the prior range the fast path goes direct
 
 
 class CalibrationError(ClustermassError, ValueError):
@@ -152,7 +175,10 @@ class JointKDEPosterior:
         covered by the calibration (see the module docstring).
     window : float
         Components farther than ``window`` kernel widths from ``x`` along the first whitened
-        coordinate are dropped (bound in ``truncation_bound_``).
+        coordinate are dropped (bound in ``truncation_bound_``; k = 1 and ``method="direct"``).
+    weight_cut : float
+        k > 1: components whose kernel weight at x is below this fraction of the largest are
+        dropped (posterior mass error < N weight_cut; module docstring).
     node_spacing : float
         Spacing of the interpolation nodes in units of the kernel width ``sigma_d`` (k = 1 only).
     interp_tol : float
@@ -187,6 +213,9 @@ class JointKDEPosterior:
         Grid in u = log M - coef . x on which the mixture tables are evaluated [dex].
     interp_error_ : float
         Largest midpoint error of the interpolated quantiles/mean [dex] (k = 1).
+    lowrank_rank_, lowrank_error_ : int, float
+        k > 1, after the first summary: rank of the factorised component tables and their
+        largest residual (CDF units).
 
     Examples
     --------
@@ -215,6 +244,7 @@ class JointKDEPosterior:
         target_bandwidth: float | None = None,
         mean_degree: int = 1,
         heteroscedastic: bool = False,
+        weight_cut: float = 1e-12,
     ) -> None:
         self.bandwidth = bandwidth
         self.min_neighbours = min_neighbours
@@ -225,12 +255,13 @@ class JointKDEPosterior:
         self.target_bandwidth = target_bandwidth
         self.mean_degree = int(mean_degree)
         self.heteroscedastic = bool(heteroscedastic)
+        self.weight_cut = float(weight_cut)
 
     # ------------------------------------------------------------------ fitting
     def get_params(self) -> dict[str, Any]:
         """Hyperparameters as a dict (scikit-learn style)."""
         keys = ("bandwidth", "min_neighbours", "window", "node_spacing", "interp_tol", "prior_range",
-                "target_bandwidth", "mean_degree", "heteroscedastic")
+                "target_bandwidth", "mean_degree", "heteroscedastic", "weight_cut")
         return {k: getattr(self, k) for k in keys}
 
     def fit(self, d_pred, log_m_true, weights=None) -> JointKDEPosterior:
@@ -254,6 +285,8 @@ class JointKDEPosterior:
         """
         if not (self.bandwidth > 0 and self.min_neighbours > 0 and self.window > 2):
             raise CalibrationError("bandwidth and min_neighbours must be > 0 and window > 2")
+        if not 0 < self.weight_cut < 1e-6:
+            raise CalibrationError(f"weight_cut must be in (0, 1e-6), got {self.weight_cut}")
         x = np.asarray(d_pred, dtype=float)
         if x.ndim == 1:
             x = x[:, None]
@@ -347,12 +380,13 @@ class JointKDEPosterior:
         self.u_ = (self.log_m_ - self._shift(self.x_)) / self._scale(self.x_)
         self.d_range_ = (float(self.d_.min()), float(self.d_.max()))
         self.valid_intervals_ = self._find_valid_intervals() if k == 1 else None
-        if k > 1 and not (self._n_eff(self.x_) >= self.min_neighbours).any():
+        if k > 1 and not self._any_covered():
             raise CalibrationError(f"no calibration pair is covered by min_neighbours={self.min_neighbours}")
         tail = self.n_pairs_ * math.exp(-0.5 * self.window**2) * float(c.max() / c.min() if c.min() > 0 else np.inf)
         self.truncation_bound_ = float(tail / (self.min_neighbours - tail)) if tail < self.min_neighbours else 1.0
         self.ug_ = self._u_grid()
         self._nodes = None  # interpolation tables, built lazily by summarize
+        self._fast = None  # low-rank factorisation and kd-tree (k > 1), built lazily
         self.interp_error_ = float("nan")
         return self
 
@@ -430,6 +464,15 @@ class JointKDEPosterior:
             r2 = _sqdist(y[idx], self.y_[lo:hi])
             out[idx] = np.exp(-0.5 * r2).sum(1)
         return out
+
+    def _any_covered(self) -> bool:
+        """Whether some calibration pair has n_eff >= min_neighbours (checked in chunks, from
+        the densest-looking pairs, so a covered calibration costs one chunk, not N^2)."""
+        order = np.argsort(np.abs(self.t_ - np.median(self.t_)), kind="stable")
+        for i0 in range(0, order.size, 256):
+            if (self._n_eff(self.x_[order[i0 : i0 + 256]]) >= self.min_neighbours).any():
+                return True
+        return False
 
     def _find_valid_intervals(self) -> np.ndarray:
         lo, hi = self.d_range_
@@ -539,7 +582,15 @@ class JointKDEPosterior:
         return lo + step * np.arange(int(np.ceil((hi - lo) / step)) + 1)
 
     def _exact_tables(self, x: np.ndarray) -> np.ndarray:
-        """Exact mixture CDF, PDF, PDF' and PDF'' on the u grid, and the mean of u, at each x.
+        """Mixture tables at each x (see :meth:`_direct_tables`): the low-rank path
+        (:meth:`_fast_tables`) for k > 1, the windowed direct evaluation for k = 1."""
+        if self.n_cond_ > 1:
+            return self._fast_tables(x)[0]
+        return self._direct_tables(x)
+
+    def _direct_tables(self, x: np.ndarray) -> np.ndarray:
+        """Exact mixture CDF, PDF, PDF' and PDF'' on the u grid, and the mean of u, at each x,
+        every component evaluated on the grid (the reference of the low-rank path).
 
         With a prior range the tables are those of the truncated, renormalised mixture (the CDF
         is below 0 / above 1 outside the support, where the quantile solver never looks).
@@ -584,6 +635,143 @@ class JointKDEPosterior:
                 res[:, -1] = mean
             out[idx] = res
         return out
+
+    # ------------------------------------------------------------------ low-rank fast path
+    def _fast_setup(self) -> dict:
+        """Factorise the component tables once (lazily): ``A_i = P_i V`` (module docstring).
+
+        A_i (5 G values) holds component i's CDF, density and its two derivatives (scaled by s,
+        s^2, s^3) and centred partial mean on the u grid; V (r x 5 G) is an orthonormal basis of
+        the span of these rows, from the SVD of the rows on a fine u grid (spacing s/8), with r
+        the smallest rank whose largest residual on the calibration pairs' own rows is below
+        ``_LOWRANK_TOL``. Also the kd-tree of the whitened pairs for the weight cut."""
+        if getattr(self, "_fast", None) is not None:
+            return self._fast
+        from scipy.spatial import cKDTree
+
+        s, ug = self.sigma_u_, self.ug_
+        u = self.u_
+        u0 = 0.5 * (ug[0] + ug[-1])
+        mscale = max(0.5 * (ug[-1] - ug[0]), 1e-12)
+
+        def rows(uu):
+            z = (ug[None, :] - uu[:, None]) / s
+            phi = np.exp(-0.5 * z * z) / _SQRT2PI
+            cdf = ndtr(z)
+            return np.hstack([cdf, phi, -z * phi, (z * z - 1.0) * phi, ((uu[:, None] - u0) * cdf - s * phi) / mscale])
+
+        nf = int(min(max(np.ceil((u.max() - u.min()) / (s / 8.0)), 8), 3000)) + 1
+        _, sv, vt = np.linalg.svd(rows(np.linspace(u.min(), u.max(), nf)), full_matrices=False)
+        tail = np.sqrt(np.cumsum((sv * sv)[::-1])[::-1])  # residual bound of the fine rows at rank r
+        r = max(int(np.sum(tail > 0.5 * _LOWRANK_TOL)), 1)
+        while True:
+            basis = vt[:r]
+            coef = np.empty((u.size, r))
+            err = 0.0
+            step = max(1, _BLOCK // (5 * ug.size))
+            for i0 in range(0, u.size, step):
+                a = rows(u[i0 : i0 + step])
+                coef[i0 : i0 + step] = a @ basis.T
+                err = max(err, float(np.abs(a - coef[i0 : i0 + step] @ basis).max()))
+            if err <= _LOWRANK_TOL or r >= vt.shape[0]:
+                break
+            r = min(vt.shape[0], int(np.ceil(1.25 * r)) + 1)
+        y0 = self.y_.mean(0)
+        yc = self.y_ - y0
+        logc = np.log(np.maximum(self.c_, 1e-300))
+        inv_c = np.where(self.c_ > 1e-200, 1.0 / np.maximum(self.c_, 1e-200), 0.0)
+        self.lowrank_rank_ = r
+        self.lowrank_error_ = err
+        self._fast = {
+            "basis": np.ascontiguousarray(basis), "u0": u0, "mscale": mscale, "y0": y0, "yc": yc,
+            "logc": logc, "logc_max": float(logc.max()),
+            "ext": np.column_stack([coef, np.ones(u.size), inv_c, u - u0]), "tree": cKDTree(yc),
+            "aug": np.ascontiguousarray(np.column_stack([yc, -0.5 * np.einsum("ij,ij->i", yc, yc) + logc,
+                                                         np.ones(u.size)]).T),
+        }
+        return self._fast
+
+    def _fast_tables(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Mixture tables (as :meth:`_direct_tables`) and a lower bound of ``n_eff`` at each x.
+
+        Exact up to the weight cut (components below ``weight_cut`` times the largest weight
+        at x may be dropped: posterior mass error <= N weight_cut), the low-rank residual
+        (``lowrank_error_`` in the CDF) and the quintic Hermite evaluation of the untruncated
+        CDF and partial mean at the prior edges (< 3e-8); where less than ``_THIN_MASS`` of the
+        untruncated mixture lies inside the prior range (far outside the calibration), those
+        absolute errors would grow relative to it, and the tables are computed directly. Queries are grouped by a kd split of
+        their whitened coordinates; each group takes the pairs within its bounding ball plus
+        the largest cut radius of its members, then two matrix products give its tables."""
+        fs = self._fast_setup()
+        x = x.reshape(-1, self.n_cond_)
+        n, ng, s = x.shape[0], self.ug_.size, self.sigma_u_
+        r = fs["basis"].shape[0]
+        y = x @ self.white_.T - fs["y0"]
+        kq = min(4, self.n_pairs_)
+        dist, ind = fs["tree"].query(y, k=kq)
+        dist, ind = dist.reshape(n, kq), ind.reshape(n, kq)
+        lb = np.max(-0.5 * dist * dist + fs["logc"][ind], axis=1)  # <= log of the largest c_i K_i
+        ub = fs["logc_max"] - 0.5 * dist[:, 0] ** 2  # >= it
+        rad2 = 2.0 * (fs["logc_max"] - lb) + 2.0 * math.log(1.0 / self.weight_cut)
+        # exponents relative to ub: y . y_i + a_i - (ub + |y|^2 / 2) in one product
+        q = np.column_stack([y, np.ones(n), -(ub + 0.5 * np.einsum("ij,ij->i", y, y))])
+        coef = np.empty((n, r + 3))
+        shift = ub.copy()  # log of the factor taken out of the weights
+        yc, aug, ext = fs["yc"], fs["aug"], fs["ext"]
+        def run(g):  # the tables' coefficients of one kd group of queries
+            yb = y[g]
+            lo, hi = yb.min(0), yb.max(0)
+            ctr = 0.5 * (lo + hi)
+            reach = 0.5 * float(np.linalg.norm(hi - lo)) + math.sqrt(float(rad2[g].max()))
+            dc = yc - ctr
+            near = np.einsum("ij,ij->i", dc, dc) <= reach * reach
+            if near.mean() > 0.8:  # keeping every pair costs less than gathering most of them
+                aug_c, ext_c = aug, ext
+            else:
+                cand = np.flatnonzero(near)
+                aug_c, ext_c = aug[:, cand], ext[cand]
+            qg = q[g]
+            if float(np.max(ub[g] - lb[g])) > 600.0:  # exp would underflow: shift by the exact max
+                mx = (qg @ aug_c).max(1)
+                qg = qg.copy()
+                qg[:, -1] -= mx
+                shift[g] += mx
+            acc = np.zeros((len(g), r + 3))
+            for i0 in range(0, ext_c.shape[0], _PAIR_BLOCK):  # memory bounded for any number of pairs
+                logw = qg @ aug_c[:, i0 : i0 + _PAIR_BLOCK]
+                np.exp(logw, out=logw)
+                acc += logw @ ext_c[i0 : i0 + _PAIR_BLOCK]
+            coef[g] = acc
+
+        for g in _kd_groups(y, _GROUP):
+            run(g)
+        norm0 = coef[:, r]
+        n_eff = coef[:, r + 1] * np.exp(shift)
+        tab = (coef[:, :r] / norm0[:, None]) @ fs["basis"]
+        F = tab[:, :ng]
+        out = np.empty((n, 4 * ng + 1))
+        out[:, :ng] = F
+        out[:, ng : 2 * ng] = tab[:, ng : 2 * ng] / s
+        out[:, 2 * ng : 3 * ng] = tab[:, 2 * ng : 3 * ng] / (s * s)
+        out[:, 3 * ng : 4 * ng] = tab[:, 3 * ng : 4 * ng] / (s * s * s)
+        u0 = fs["u0"]
+        mean_c = coef[:, r + 2] / norm0  # mean of u - u0 (untruncated, exact)
+        out[:, -1] = u0 + mean_c
+        bounds = self._bounds_u(x)
+        if bounds is not None:
+            mc = tab[:, 4 * ng :] * fs["mscale"]  # centred partial mean  int (t - u0) f(t) dt
+            f, f1 = out[:, ng : 2 * ng], out[:, 2 * ng : 3 * ng]
+            ha, hb = (_hermite_at(self.ug_, F, f, f1, b, 0.0, 1.0) for b in bounds)
+            dm, dm1 = (self.ug_ - u0) * f, f + (self.ug_ - u0) * f1
+            ma, mb = (_hermite_at(self.ug_, mc, dm, dm1, b, 0.0, mean_c) for b in bounds)
+            norm = np.maximum(hb - ha, 1e-300)
+            out[:, :ng] -= ha[:, None]
+            out[:, :-1] /= norm[:, None]
+            out[:, -1] = u0 + (mb - ma) / norm
+            thin = np.flatnonzero(hb - ha < _THIN_MASS)
+            if thin.size:  # little mass inside the support: relative errors grow, so direct
+                out[thin] = self._direct_tables(x[thin])
+        return out, n_eff
 
     def _build_nodes(self) -> None:
         """Tables on nodes spaced ``node_spacing * sigma_d`` over each valid interval (k = 1),
@@ -647,18 +835,33 @@ class JointKDEPosterior:
         return out
 
     def _summaries(self, x: np.ndarray, method: str) -> dict[str, np.ndarray]:
-        """Summaries at valid, finite x (n, k) (method 'exact' or 'interpolate')."""
+        """Summaries at valid, finite x (n, k) (method 'exact', 'direct' or 'interpolate').
+
+        With the fast path (k > 1, 'exact') also ``n_eff``: the kernel weight of the pairs at x
+        (a lower bound, exact up to the weight cut)."""
         out = {k: np.empty(x.shape[0]) for k in _STATS}
+        fast = method == "exact" and self.n_cond_ > 1
+        order = np.arange(x.shape[0])
+        if fast:  # chunks of neighbouring queries: compact kd groups share their pairs
+            out["n_eff"] = np.empty(x.shape[0])
+            order = np.concatenate(_kd_groups(x @ self.white_.T, _GROUP)) if x.shape[0] else order
         chunk = max(1, _BLOCK // (4 * self.ug_.size + 1))
         for i0 in range(0, x.shape[0], chunk):
-            xc = x[i0 : i0 + chunk]
-            tab = self._exact_tables(xc) if method == "exact" else self._interp_tables(xc[:, 0])
+            sel = order[i0 : i0 + chunk]
+            xc = x[sel]
+            if fast:
+                tab, out["n_eff"][sel] = self._fast_tables(xc)
+            elif method == "interpolate":
+                tab = self._interp_tables(xc[:, 0])
+            else:
+                tab = self._direct_tables(xc) if method == "direct" else self._exact_tables(xc)
             res = _solve_tables(tab, self.ug_)
             shift, scale = self._shift(xc), self._scale(xc)
             for k in _STATS:
-                out[k][i0 : i0 + chunk] = res[k] * scale + shift
-        if self.prior_range is not None:  # the truncated density peaks inside the support
-            out["log_m_map"] = np.clip(out["log_m_map"], *self.prior_range)
+                out[k][sel] = res[k] * scale + shift
+        if self.prior_range is not None:  # the truncated posterior lives inside the support
+            for k in _STATS:  # (changes only posteriors with ~no untruncated mass inside it)
+                out[k] = np.clip(out[k], *self.prior_range)
         return out
 
     # ------------------------------------------------------------------ public queries
@@ -670,9 +873,11 @@ class JointKDEPosterior:
         d_obs : array_like (n,) or (n, k)
             Network predictions of the clusters to infer (with the other conditioning columns
             when the posterior has k > 1).
-        method : {"auto", "exact", "interpolate"}
-            ``exact`` solves every posterior; ``interpolate`` uses the verified node tables
-            (module docstring; k = 1 only); ``auto`` picks the cheaper.
+        method : {"auto", "exact", "interpolate", "direct"}
+            ``exact`` solves every posterior (for k > 1 through the low-rank factorisation of
+            the component tables, module docstring); ``interpolate`` uses the verified node
+            tables (k = 1 only); ``auto`` picks the cheaper; ``direct`` evaluates every
+            component on the grid (slow: the reference the fast paths are tested against).
 
         Returns
         -------
@@ -684,22 +889,31 @@ class JointKDEPosterior:
             summaries, flagged out of range.
         """
         self._check_fitted()
-        if method not in ("auto", "exact", "interpolate"):
-            raise CalibrationError(f"method must be auto, exact or interpolate, not {method!r}")
+        if method not in ("auto", "exact", "interpolate", "direct"):
+            raise CalibrationError(f"method must be auto, exact, interpolate or direct, not {method!r}")
         x_in = self._as_x(d_obs)
-        xc, flag = self._clamp(x_in)
-        fin = np.isfinite(xc).all(1)
-        uniq, inv = np.unique(xc[fin], axis=0, return_inverse=True)
-        inv = np.asarray(inv).ravel()
         if self.n_cond_ > 1:
             if method == "interpolate":
                 raise CalibrationError("method='interpolate' needs a posterior conditioned on d_pred alone")
-            method = "exact"
-        elif method == "auto":
+            method = "direct" if method == "direct" else "exact"
+        if method == "exact" and self.n_cond_ > 1:  # flags from the same pass as the summaries
+            fin = np.isfinite(x_in).all(1)
+            xc, flag = np.where(fin[:, None], x_in, np.nan), ~fin
+        else:
+            xc, flag = self._clamp(x_in)
+            fin = np.isfinite(xc).all(1)
+        uniq, inv = np.unique(xc[fin], axis=0, return_inverse=True)
+        inv = np.asarray(inv).ravel()
+        if self.n_cond_ == 1 and method == "auto":
             total = float(np.sum(self.valid_intervals_[:, 1] - self.valid_intervals_[:, 0]))
             n_nodes = 2 * (total / (self.node_spacing * self.sigma_d_) + 4 * len(self.valid_intervals_))
             method = "interpolate" if self._nodes is not None or uniq.shape[0] > n_nodes else "exact"
         vals = self._summaries(uniq, method)
+        if "n_eff" in vals:  # a lower bound: below the floor, recomputed without the cut
+            low = np.flatnonzero(vals["n_eff"] < self.min_neighbours)
+            if low.size:
+                vals["n_eff"][low] = self._n_eff(uniq[low])
+            flag[fin] = vals["n_eff"][inv] < self.min_neighbours
         frame = {"d_pred": x_in[:, 0]}
         for k in SUMMARY_COLUMNS[1:]:
             col = np.full(x_in.shape[0], np.nan)
@@ -869,6 +1083,37 @@ class JointKDEPosterior:
         if self.prior_range is not None:
             out[:, (mg < self.prior_range[0]) | (mg > self.prior_range[1])] = 0.0
         return out
+
+
+def _kd_groups(y: np.ndarray, size: int) -> list[np.ndarray]:
+    """Index groups of at most ``size`` points from recursive median splits along the widest
+    axis (compact groups in the whitened conditioning space)."""
+    stack, out = [np.arange(y.shape[0])], []
+    while stack:
+        idx = stack.pop()
+        if idx.size <= size:
+            out.append(idx)
+            continue
+        p = y[idx]
+        ax = int(np.argmax(p.max(0) - p.min(0)))
+        half = idx.size // 2
+        part = np.argpartition(p[:, ax], half)
+        stack += [idx[part[half:]], idx[part[:half]]]
+    return out
+
+
+def _hermite_at(grid, val, der, der2, v, below, above):
+    """Per row, the quintic Hermite interpolant of tables (val, der, der2) on the uniform
+    ``grid`` at ``v`` (n,); ``below``/``above`` (scalars or (n,)) outside the grid."""
+    n, ng = val.shape
+    h = grid[1] - grid[0]
+    j = np.clip(np.searchsorted(grid, v, "right") - 1, 0, ng - 2)
+    t = np.clip((v - grid[j]) / h, 0.0, 1.0)
+    rows = np.arange(n)
+    p = _hermite5(t, val[rows, j], der[rows, j] * h, der2[rows, j] * h * h,
+                  val[rows, j + 1], der[rows, j + 1] * h, der2[rows, j + 1] * h * h)[0]
+    p = np.where(v < grid[0], below, p)
+    return np.where(v > grid[-1], above, p)
 
 
 def _sqdist(a: np.ndarray, b: np.ndarray) -> np.ndarray:
