@@ -50,9 +50,8 @@ def simulate_stage(cfg: RunConfig, out: Path, progress: bool = True, overwrite: 
     (:mod:`clustermass.simulate.pmmock`, settings ``cfg.pm``; needs the ``nbody`` extra).
     """
     from ._io import guard_output
-    from .simulate import MODEL_VERSION, simulate_to_directory
-
     from .errors import ConfigError
+    from .simulate import MODEL_VERSION, simulate_to_directory
 
     out = Path(out)
     if engine not in ("analytic", "pm"):

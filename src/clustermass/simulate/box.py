@@ -54,6 +54,7 @@ def diagrams_from_box(
     seed: int,
     snapshot_redshift: float = 0.0,
     survey_effects: bool = False,
+    members_within_r200c: bool = False,
 ) -> Catalogue:
     """Phase-space diagrams of the cluster halos of a periodic simulation box.
 
@@ -77,6 +78,12 @@ def diagrams_from_box(
         Also apply the survey's fibre collisions and incompleteness
         (:func:`~clustermass.simulate.observe.spectroscopic_selection`, ``sim.survey``) as the
         analytic mock does; the diagram centre always keeps its redshift.
+    members_within_r200c : bool
+        ``is_member``: a galaxy of the cluster's own halo within R200c (3D) of the centre, as in
+        the analytic mock; otherwise (default) every galaxy of the cluster's halo.
+
+    The galaxies table also gets ``los_offset`` (line-of-sight offset from the centre [h^-1 Mpc
+    proper], truth for the 3D profile checks) and ``is_central`` when the input has it.
 
     Returns
     -------
@@ -105,6 +112,7 @@ def diagrams_from_box(
     g_vel = galaxies[["vx", "vy", "vz"]].to_numpy(float)
     g_mag = galaxies["abs_mag_r"].to_numpy(float)
     g_host = galaxies[host_col].to_numpy(np.int64)
+    g_cen = galaxies["is_central"].to_numpy(bool) if "is_central" in galaxies.columns else None
     lm_of = pd.Series(h_lm, index=h_id)
     g_host_lm = lm_of.reindex(g_host).to_numpy(float)
 
@@ -185,6 +193,8 @@ def diagrams_from_box(
         hi = np.asarray(h_tree.query_ball_point(c_pos, reach), dtype=np.int64)
         hi = hi[(hi != r) & (h_lm[hi] >= sim.halo_log_m_min)]
         dpos = rel(g_pos[gi], c_pos) / a_fac
+        if members_within_r200c:
+            mem &= np.linalg.norm(dpos, axis=1) <= r200[first[i]]
         dvel = g_vel[gi] - c_vel
         hpos = rel(h_pos[hi], c_pos) / a_fac
         hvel = h_vel[hi] - c_vel
@@ -219,6 +229,8 @@ def diagrams_from_box(
                         "host_log_m200c": g_host_lm[gi][keep].astype(np.float32),
                         "mag_r": obs["mag_r"][keep].astype(np.float32),
                         "abs_mag_r": g_mag[gi][keep].astype(np.float32),
+                        "los_offset": p[keep, 2].astype(np.float32),
+                        **({"is_central": g_cen[gi][keep]} if g_cen is not None else {}),
                     }
                 )
             )

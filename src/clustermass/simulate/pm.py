@@ -4,7 +4,7 @@ One box: Gaussian initial conditions drawn from the simulation cosmology's linea
 spectrum (colossus, Planck 2013: :data:`clustermass.cosmology.SIMULATION_COSMOLOGY`), particles
 started with second-order Lagrangian perturbation theory (2LPT, jaxpm ``lpt(order=2)``) at
 ``a_start``, then moved to ``z_final`` with kick-drift-kick leapfrog steps uniform in the scale
-factor under PM forces (cloud-in-cell painting on a mesh of ``n_mesh``^3 cells, the
+factor (with FastPM's kick and drift factors, exact for linear growth) under PM forces (cloud-in-cell painting on a mesh of ``n_mesh``^3 cells, the
 finite-difference gradient and inverse-Laplacian kernels of jaxpm / FastPM, Feng et al. 2016).
 
 Units: positions comoving h^-1 Mpc in [0, box_size); velocities peculiar km/s; particle mass
@@ -173,6 +173,33 @@ def run_pm(
             [painting._cic_read_impl(ifft3d(-kernels.gradient_kernel(kvec, i) * pot_k), pos)
              for i in range(3)], axis=-1)
 
+    # growth factors are evaluated eagerly (jax_cosmo caches its growth table in the cosmology
+    # object, which must not happen inside a jit trace)
+    def e(a):
+        return float(np.sqrt(jc.background.Esqr(jcosmo, jnp.atleast_1d(a)))[0])
+
+    def dgrowth(a):
+        return float(pm.growth_factor(jcosmo, jnp.atleast_1d(a))[0])
+
+    def g_p(a):  # p = g_p psi in linear theory: a^3 E dD/da
+        return a**2 * float(pm.growth_rate(jcosmo, jnp.atleast_1d(a))[0]) * e(a) * dgrowth(a)
+
+    def g_f(a):  # force = g_f psi in linear theory: a^2 E d(g_p)/da
+        return a**2 * e(a) * float(pm.dGfa(jcosmo, jnp.atleast_1d(a))[0])
+
+    def factors(a0, a1):
+        """FastPM kick and drift factors (Feng et al. 2016), exact for the linear growing mode
+        whatever the step size."""
+        ah = 0.5 * (a0 + a1)
+        return ((g_p(ah) - g_p(a0)) / g_f(a0), (dgrowth(a1) - dgrowth(a0)) / g_p(ah),
+                (g_p(a1) - g_p(ah)) / g_f(a1))
+
+    a_s = jnp.atleast_1d(a_start)
+    g1 = dgrowth(a_start)
+    g2 = 3 / 7 * float(pm.growth_factor_second(jcosmo, a_s)[0])  # jaxpm: -D2 = 3/7 * growth_factor_second
+    lpt_c = (g1, g2, a_start**2 * e(a_start) * float(pm.growth_rate(jcosmo, a_s)[0]) * g1,
+             a_start**2 * e(a_start) * float(pm.growth_rate_second(jcosmo, a_s)[0]) * g2)
+
     @jax.jit
     def start(ic):
         delta_k = fft3d(ic)
@@ -193,34 +220,28 @@ def run_pm(
         p2k = d2k * kernels.invlaplace_kernel(kvec)
         f2 = jnp.stack([painting._cic_read_impl(ifft3d(-kernels.gradient_kernel(kvec, i) * p2k), q)
                         for i in range(3)], axis=-1)
-        a = jnp.atleast_1d(a_start)
-        e = jnp.sqrt(jc.background.Esqr(jcosmo, a))
-        g1 = pm.growth_factor(jcosmo, a)
-        g2 = 3 / 7 * pm.growth_factor_second(jcosmo, a)  # jaxpm: -D2 = 3/7 * growth_factor_second
-        dx = g1 * f1 + g2 * f2
-        p = a**2 * e * (pm.growth_rate(jcosmo, a) * g1 * f1 + pm.growth_rate_second(jcosmo, a) * g2 * f2)
+        dx = lpt_c[0] * f1 + lpt_c[1] * f2
+        p = lpt_c[2] * f1 + lpt_c[3] * f2
         return q + dx, p
 
     @jax.jit
-    def kdk(pos, p, a0, a1):
-        """One kick-drift-kick step from a0 to a1 (prefactors at the midpoints of each part)."""
-        am = 0.5 * (a0 + a1)
-
-        def e(a):
-            return jnp.sqrt(jc.background.Esqr(jcosmo, jnp.atleast_1d(a)))[0]
-
-        p = p + forces(pos) * (am - a0) / ((0.5 * (a0 + am)) ** 2 * e(0.5 * (a0 + am)))
-        pos = jnp.mod(pos + p * (a1 - a0) / (am**3 * e(am)), n_mesh)
-        p = p + forces(pos) * (a1 - am) / ((0.5 * (am + a1)) ** 2 * e(0.5 * (am + a1)))
-        return pos, p
+    def kdk(pos, p, f, k1, dr, k2):
+        """One kick-drift-kick step with precomputed kick (k1, k2) and drift (dr) factors; the
+        force at the end of the step is returned for the next step's opening kick."""
+        p = p + f * k1
+        pos = jnp.mod(pos + p * dr, n_mesh)
+        f = forces(pos)
+        p = p + f * k2
+        return pos, p, f
 
     pos, p = start(ic)
+    f = jax.jit(forces)(pos)
     t_ic = time.perf_counter() - t0
     a_end = 1.0 / (1.0 + z_final)
     steps = np.linspace(a_start, a_end, n_steps + 1)
     for a0, a1 in tqdm(list(zip(steps[:-1], steps[1:], strict=True)), desc="PM steps",
                        disable=not progress, leave=False):
-        pos, p = kdk(pos, p, float(a0), float(a1))
+        pos, p, f = kdk(pos, p, f, *factors(float(a0), float(a1)))
     cell = box_size / n_mesh
     pos_out = np.mod(np.asarray(pos, dtype=np.float64) * cell, box_size).astype(np.float32)
     vel_out = (np.asarray(p, dtype=np.float64) * 100.0 * cell / a_end).astype(np.float32)
@@ -241,10 +262,12 @@ def run_pm(
                  float(z_final), meta)
 
 
-def power_spectrum(pos, box_size: float, n_mesh: int, k_max: float | None = None, n_bins: int = 30):
+def power_spectrum(pos, box_size: float, n_mesh: int, k_max: float | None = None, n_bins: int = 30,
+                   shot_noise: bool = True):
     """Matter power spectrum of particles [h^-3 Mpc^3] in linear k bins [h Mpc^-1].
 
-    CIC painting on ``n_mesh``^3 cells, the CIC window deconvolved, shot noise (V / N) subtracted.
+    CIC painting on ``n_mesh``^3 cells, the CIC window deconvolved, Poisson shot noise (V / N)
+    subtracted (``shot_noise=False``: not, for lattice-like initial positions).
 
     Returns
     -------
@@ -271,7 +294,7 @@ def power_spectrum(pos, box_size: float, n_mesh: int, k_max: float | None = None
     kk = np.sqrt(KX**2 + KY**2 + KZ**2)
     kn = np.pi * n_mesh / box_size
     w = (np.sinc(KX / (2 * kn)) * np.sinc(KY / (2 * kn)) * np.sinc(KZ / (2 * kn))) ** 2
-    pk = np.abs(dk / w) ** 2 * box_size**3 / n_mesh**6 - box_size**3 / len(pos)
+    pk = np.abs(dk / w) ** 2 * box_size**3 / n_mesh**6 - (box_size**3 / len(pos) if shot_noise else 0.0)
     # rfft: modes with 0 < kz < Nyquist stand for two modes
     mult = np.where((KZ > 0) & (KZ < kz[-1]), 2.0, 1.0)
     k_max = k_max or kn

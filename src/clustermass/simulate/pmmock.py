@@ -5,7 +5,10 @@ goes through
 
 1. :func:`clustermass.simulate.pm.run_pm` (jaxpm; particles at ``pm.snapshot_redshift``);
 2. :func:`clustermass.simulate.halofind.find_halos` (FoF b = 0.2, M200c by abundance matching
-   to Tinker08 or from the particles, ``pm.mass``);
+   to Tinker08 or from the particles, ``pm.mass``); with ``pm.velocity_calibration="evrard"``
+   (default) the members' velocities about their halo's bulk velocity are rescaled so that the
+   mean sigma(M200c) follows Evrard et al. (2008) (:func:`halofind.calibrate_velocities`: the
+   mesh makes halos too cold, ~0.6 of Evrard at the default resolution);
 3. :func:`populate_box`: halotools' Cacciato et al. (2009) CLF (``Cacciato09Cens`` /
    ``Cacciato09Sats`` on a ``UserSuppliedHaloCatalog``, ``populate_mock``; the same model and
    parameters as :mod:`clustermass.simulate.galaxies`, in its halo mass M180m). Centrals sit at
@@ -179,9 +182,13 @@ def simulate_pm_box(pmc: PMConfig, sim: SimulationConfig, window: WindowConfig, 
     halos["log_m200c_am"] = hf.abundance_match(halos["log_m_fof"].to_numpy(), pmc.box_size**3,
                                                pmc.snapshot_redshift)
     halos["log_m200c"] = halos["log_m200c_am"] if pmc.mass == "abundance" else halos["log_m200c_so"]
+    vel, vcal = box.vel, None
+    if pmc.velocity_calibration == "evrard":
+        vel, vcal = hf.calibrate_velocities(halos, group, box.pos, box.vel, pmc.box_size,
+                                            pmc.snapshot_redshift)
     t["halofind_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    allh, galaxies = populate_box(halos, group, box.pos, box.vel, pmc.box_size, box.particle_mass,
+    allh, galaxies = populate_box(halos, group, box.pos, vel, pmc.box_size, box.particle_mass,
                                   pmc.snapshot_redshift, faintest_magnitude(sim, window), seed)
     t["populate_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -189,8 +196,9 @@ def simulate_pm_box(pmc: PMConfig, sim: SimulationConfig, window: WindowConfig, 
     t["diagrams_s"] = time.perf_counter() - t0
     info = {"timings": t, "n_halos": int(len(halos)), "n_galaxies": int(len(galaxies)),
             "n_halos_13.7": int((halos["log_m200c"] >= 13.7).sum()),
-            "particle_mass": box.particle_mass}
-    return cat, {**info, "halos": halos, "galaxies": galaxies, "all_halos": allh, "box": box}
+            "particle_mass": box.particle_mass, "velocity_calibration": vcal}
+    return cat, {**info, "halos": halos, "galaxies": galaxies, "all_halos": allh, "box": box,
+                 "vel": vel, "group": group}
 
 
 def diagrams(allh: pd.DataFrame, galaxies: pd.DataFrame, pmc: PMConfig, sim: SimulationConfig,
@@ -199,7 +207,8 @@ def diagrams(allh: pd.DataFrame, galaxies: pd.DataFrame, pmc: PMConfig, sim: Sim
     from .box import diagrams_from_box
 
     return diagrams_from_box(allh, galaxies, pmc.box_size, window, sim, seed,
-                             snapshot_redshift=pmc.snapshot_redshift, survey_effects=True)
+                             snapshot_redshift=pmc.snapshot_redshift, survey_effects=True,
+                             members_within_r200c=True)
 
 
 def merge_catalogues(cats: list[Catalogue], meta: dict) -> Catalogue:
@@ -235,7 +244,7 @@ def simulate_pm_catalogue(pmc: PMConfig, sim: SimulationConfig, window: WindowCo
         cat, info = simulate_pm_box(pmc, per_box, window, seed + b, progress)
         cats.append(cat)
         boxes.append({k: v for k, v in info.items()
-                      if k not in ("halos", "galaxies", "all_halos", "box")})
+                      if k not in ("halos", "galaxies", "all_halos", "box", "vel", "group")})
         if progress:
             tm = info["timings"]
             print(f"[clustermass] PM box {b + 1}/{nb}: {info['n_halos_13.7']} halos above 10^13.7, "
