@@ -13,6 +13,8 @@ OUT/pm_checks.json with:
   the linear one (colossus) for k <= 0.3 h/Mpc;
 - halo counts above 10^13.7 and the mass function of the FoF halos with abundance-matched
   M200c (Tinker08 by construction) and with their particle (SO) M200c, against Tinker08;
+- the particle mass within R200c (of the abundance-matched M200c) over M200c, before and after
+  the profile calibration;
 - sigma_v-M200c against Evrard et al. (2008): the 1D dispersion of all particles within R200c
   of each halo (>= 10^13.7) before and after the velocity calibration, and of the satellites;
 - the realism checks of the analytic engine (``clustermass.simulate.checks``) on the catalogue.
@@ -117,7 +119,11 @@ def main() -> None:
     lm = big["log_m200c"].to_numpy()
     a_fac = 1 + z
     s_raw, _ = sigma_within_r200(cen, vb, lm, z, box.pos, box.vel, L, a_fac)
-    s_dm, _ = sigma_within_r200(cen, vb, lm, z, box.pos, info["vel"], L, a_fac)
+    s_dm, n_cal = sigma_within_r200(cen, vb, lm, z, info["pos"], info["vel"], L, a_fac)
+    _, n_rawin = sigma_within_r200(cen, vb, lm, z, box.pos, box.vel, L, a_fac)
+    m200 = 10**lm / info["particle_mass"]
+    res["mass_function"]["median_m_within_r200c_over_m200c"] = {
+        "raw": float(np.median(n_rawin / m200)), "calibrated": float(np.median(n_cal / m200))}
     sat = galaxies[~galaxies["is_central"]]
     s_sat, n_sat = sigma_within_r200(cen, vb, lm, z, sat[["x", "y", "z"]].to_numpy(), sat[["vx", "vy", "vz"]].to_numpy(), L, a_fac)
     s_sat[n_sat < 10] = np.nan

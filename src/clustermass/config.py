@@ -180,6 +180,10 @@ class PMConfig(_Section):
     mass: Literal["abundance", "so"] = Field(
         "abundance", description="M200c of the FoF halos: abundance matching to Tinker08 ranked by "
         "FoF mass (default: the mesh under-resolves halos) or the particles' spherical overdensity")
+    profile_calibration: Literal["nfw", "none"] = Field(
+        "nfw", description="nfw: move FoF members radially (keeping directions and radial order) "
+        "so that each halo is NFW inside R200c of its M200c (the mesh cores halos); none: the PM "
+        "positions as they are")
     velocity_calibration: Literal["evrard", "none"] = Field(
         "evrard", description="evrard: rescale FoF members' velocities about their halo's bulk "
         "velocity so that the mean sigma(M200c) matches Evrard et al. 2008 (the mesh makes halos "

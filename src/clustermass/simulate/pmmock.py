@@ -5,7 +5,10 @@ goes through
 
 1. :func:`clustermass.simulate.pm.run_pm` (jaxpm; particles at ``pm.snapshot_redshift``);
 2. :func:`clustermass.simulate.halofind.find_halos` (FoF b = 0.2, M200c by abundance matching
-   to Tinker08 or from the particles, ``pm.mass``); with ``pm.velocity_calibration="evrard"``
+   to Tinker08 or from the particles, ``pm.mass``); with ``pm.profile_calibration="nfw"``
+   (default) the members move radially onto the NFW profile of their halo's M200c inside R200c
+   (:func:`halofind.calibrate_profiles`: the mesh cores halos); with
+   ``pm.velocity_calibration="evrard"``
    (default) the members' velocities about their halo's bulk velocity are rescaled so that the
    mean sigma(M200c) follows Evrard et al. (2008) (:func:`halofind.calibrate_velocities`: the
    mesh makes halos too cold, ~0.6 of Evrard at the default resolution);
@@ -182,13 +185,16 @@ def simulate_pm_box(pmc: PMConfig, sim: SimulationConfig, window: WindowConfig, 
     halos["log_m200c_am"] = hf.abundance_match(halos["log_m_fof"].to_numpy(), pmc.box_size**3,
                                                pmc.snapshot_redshift)
     halos["log_m200c"] = halos["log_m200c_am"] if pmc.mass == "abundance" else halos["log_m200c_so"]
-    vel, vcal = box.vel, None
+    pos, vel, vcal = box.pos, box.vel, None
+    if pmc.profile_calibration == "nfw":
+        pos = hf.calibrate_profiles(halos, group, box.pos, box.particle_mass, pmc.box_size,
+                                    pmc.snapshot_redshift)
     if pmc.velocity_calibration == "evrard":
-        vel, vcal = hf.calibrate_velocities(halos, group, box.pos, box.vel, pmc.box_size,
+        vel, vcal = hf.calibrate_velocities(halos, group, pos, box.vel, pmc.box_size,
                                             pmc.snapshot_redshift)
     t["halofind_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    allh, galaxies = populate_box(halos, group, box.pos, vel, pmc.box_size, box.particle_mass,
+    allh, galaxies = populate_box(halos, group, pos, vel, pmc.box_size, box.particle_mass,
                                   pmc.snapshot_redshift, faintest_magnitude(sim, window), seed)
     t["populate_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -198,7 +204,7 @@ def simulate_pm_box(pmc: PMConfig, sim: SimulationConfig, window: WindowConfig, 
             "n_halos_13.7": int((halos["log_m200c"] >= 13.7).sum()),
             "particle_mass": box.particle_mass, "velocity_calibration": vcal}
     return cat, {**info, "halos": halos, "galaxies": galaxies, "all_halos": allh, "box": box,
-                 "vel": vel, "group": group}
+                 "pos": pos, "vel": vel, "group": group}
 
 
 def diagrams(allh: pd.DataFrame, galaxies: pd.DataFrame, pmc: PMConfig, sim: SimulationConfig,
@@ -244,7 +250,7 @@ def simulate_pm_catalogue(pmc: PMConfig, sim: SimulationConfig, window: WindowCo
         cat, info = simulate_pm_box(pmc, per_box, window, seed + b, progress)
         cats.append(cat)
         boxes.append({k: v for k, v in info.items()
-                      if k not in ("halos", "galaxies", "all_halos", "box", "vel", "group")})
+                      if k not in ("halos", "galaxies", "all_halos", "box", "pos", "vel", "group")})
         if progress:
             tm = info["timings"]
             print(f"[clustermass] PM box {b + 1}/{nb}: {info['n_halos_13.7']} halos above 10^13.7, "
