@@ -15,6 +15,10 @@ calibration:
 - analytic -> analytic, pm -> pm (same simulator);
 - analytic -> pm, pm -> analytic (cross simulator).
 
+When ``--analytic`` is a run directory with ``metrics.json``, the result is also stored there
+(``metrics.json["cross_simulation"]``, ``cross_simulation.json``) and its ``report.html`` is
+rebuilt with the table.
+
 Per row: bias and scatter of eps = log M_posterior-median - log M_true [dex], of the raw network
 output too, the 68/95% coverage, and the same per true-mass bin. Writes
 ``OUT/cross_simulation.json`` and ``OUT/cross_simulation.md`` (atomically).
@@ -118,6 +122,17 @@ def main() -> None:
     write_json_atomic(args.out / "cross_simulation.json", res)
     md = markdown(res)
     write_text_atomic(args.out / "cross_simulation.md", md)
+    metrics_file = args.analytic / "metrics.json"
+    if metrics_file.is_file():  # a run directory: the table joins its metrics.json and report
+        import json
+
+        from clustermass.report import build_report
+
+        metrics = json.loads(metrics_file.read_text())
+        metrics["cross_simulation"] = res
+        write_json_atomic(metrics_file, metrics)
+        write_json_atomic(args.analytic / "cross_simulation.json", res)
+        build_report(args.analytic)
     print(md)
 
 
