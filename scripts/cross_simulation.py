@@ -66,9 +66,11 @@ def row_metrics(bundle, cat) -> dict:
 
 
 def get_bundle(cfg, cat, model_dir: Path, kind: str, reuse: Path | None = None):
-    """A calibrated bundle: ``reuse`` when it holds one, else trained + calibrated into model_dir."""
-    if reuse is not None and (reuse / "calibration.json").is_file():
-        return load_model(reuse)
+    """A calibrated bundle: ``reuse`` (or ``model_dir``, from an earlier run of this script) when
+    it holds one, else trained + calibrated into ``model_dir``."""
+    for d in (reuse, model_dir):
+        if d is not None and (d / "calibration.json").is_file():
+            return load_model(d)
     bundle = train_stage(cfg, cat, kind, model_dir, progress=True, overwrite=False)
     calibrate_stage(bundle, cat, cfg.calibration, progress=True)
     return load_model(model_dir)
