@@ -108,3 +108,18 @@ def test_report_renders_in_headless_chromium(run_dir, tmp_path_factory):
     )
     data = shot.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
+
+
+def test_report_includes_cross_simulation_table(tmp_path):
+    """A run directory holding scripts/cross_simulation.py's JSON gets its table in the report."""
+    res = {"command": "python scripts/cross_simulation.py --analytic A --pm P --out X", "rows": [
+        {"train": "analytic", "eval": "analytic", "same_simulator": True, "n": 10, "bias": 0.01,
+         "scatter": 0.12, "raw_bias": 0.0, "raw_scatter": 0.17, "coverage_68": 0.68, "coverage_95": 0.95},
+        {"train": "analytic", "eval": "pm", "same_simulator": False, "n": 10, "bias": 0.2,
+         "scatter": 0.3, "raw_bias": 0.1, "raw_scatter": 0.3, "coverage_68": 0.4, "coverage_95": 0.7}]}
+    (tmp_path / "cross_simulation.json").write_text(json.dumps(res))
+    text = build_report(tmp_path).read_text()
+    assert 'id="cross-simulation"' in text and "+0.200" in text and "--pm P" in text
+    (tmp_path / "cross_simulation.json").write_text("{broken")
+    with pytest.raises(ClustermassError):
+        build_report(tmp_path)

@@ -74,18 +74,28 @@ def simulate(
     sky: Annotated[bool, typer.Option("--sky", help="simulate a mock SKY (galaxy + cluster tables) instead of diagrams")] = False,
     area: Annotated[float, typer.Option(help="--sky: survey area [deg^2]")] = 500.0,
     scheduler: Scheduler = None,
+    engine: Annotated[str, typer.Option(help="analytic (default: the fitted-formula mocks) or pm (a "
+                                             "particle-mesh box with FoF halos and halotools galaxies; "
+                                             "needs clustermass[nbody]; settings in the pm section)")] = "analytic",
+    boxes: Annotated[int | None, typer.Option(min=1, help="--engine pm: independent boxes (seeds seed, seed+1, ...)")] = None,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> None:
     """Simulate a mock catalogue of projected phase-space diagrams (or a mock sky with --sky)."""
-    cfg = _config(preset, config, set_, seed)
+    from .errors import ConfigError
+
+    if engine not in ("analytic", "pm"):
+        raise ConfigError(f"unknown --engine {engine!r}; choose analytic or pm")
+    cfg = _config(preset, config, set_, seed, pm__boxes=boxes)
     if n_diagrams is not None:  # split sizes keep the preset's proportions (validated again)
         s = cfg.simulation
         tot = max(s.n_total, 1)
         n_train, n_test = round(n_diagrams * s.n_train / tot), round(n_diagrams * s.n_test / tot)
         cfg = _config(preset, config, set_, seed, simulation__n_train=n_train, simulation__n_test=n_test,
-                      simulation__n_eval=n_diagrams - n_train - n_test)
+                      simulation__n_eval=n_diagrams - n_train - n_test, pm__boxes=boxes)
     if sky:
+        if engine != "analytic":
+            raise ConfigError("--sky is made by the analytic engine only")
         from .simulate.mocksky import write_mock_sky
 
         paths = write_mock_sky(out, area_deg2=area, sim=cfg.simulation, seed=cfg.seed, progress=not quiet)
@@ -96,7 +106,8 @@ def simulate(
     from .pipeline import simulate_stage
     from .simulate import summarize_catalogue
 
-    cat = simulate_stage(cfg, out, progress=not quiet, overwrite=overwrite, scheduler=scheduler)
+    cat = simulate_stage(cfg, out, progress=not quiet, overwrite=overwrite, scheduler=scheduler,
+                         engine=engine)
     _write_config(cfg, out)
     _echo_dict(summarize_catalogue(cat))
     typer.echo(f"catalogue written to {out}")

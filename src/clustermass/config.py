@@ -161,6 +161,35 @@ class EvaluationConfig(_Section):
     baselines: bool = Field(True, description="run classical estimators (sigma_v, virial)")
 
 
+class PMConfig(_Section):
+    """Particle-mesh boxes of ``clustermass simulate --engine pm`` (docs/simulator.md, "PM mocks").
+
+    The default (200 h^-1 Mpc, 128^3 particles, 256^3 mesh, 40 steps) holds ~300+ halos above
+    10^13.7 h^-1 Msun per box; the ``tiny`` preset uses 96 h^-1 Mpc, 64^3, 128^3, 20 steps (a box must exceed ~80 h^-1 Mpc, twice the reach of a diagram).
+    """
+
+    box_size: float = Field(200.0, gt=0, description="side of each periodic box [h^-1 Mpc comoving]")
+    n_particles: int = Field(128, ge=8, description="particles per side")
+    n_mesh: int = Field(256, ge=8, description="PM mesh cells per side (a multiple of n_particles)")
+    n_steps: int = Field(40, ge=1, description="kick-drift-kick steps, uniform in a")
+    a_start: float = Field(0.05, gt=0, lt=1, description="scale factor of the 2LPT initial conditions")
+    snapshot_redshift: float = Field(0.0, ge=0, description="redshift of the snapshot the diagrams are made from")
+    boxes: int = Field(1, ge=1, description="independent boxes (seeds seed, seed+1, ...); their "
+                                           "diagrams are merged, halos split by box")
+    min_members: int = Field(20, ge=2, description="smallest FoF group kept as a halo [particles]")
+    mass: Literal["abundance", "so"] = Field(
+        "abundance", description="M200c of the FoF halos: abundance matching to Tinker08 ranked by "
+        "FoF mass (default: the mesh under-resolves halos) or the particles' spherical overdensity")
+    profile_calibration: Literal["nfw", "none"] = Field(
+        "nfw", description="nfw: move FoF members radially (keeping directions and radial order) "
+        "so that each halo is NFW inside R200c of its M200c (the mesh cores halos); none: the PM "
+        "positions as they are")
+    velocity_calibration: Literal["evrard", "none"] = Field(
+        "evrard", description="evrard: rescale FoF members' velocities about their halo's bulk "
+        "velocity so that the mean sigma(M200c) matches Evrard et al. 2008 (the mesh makes halos "
+        "too cold); none: the PM velocities as they are")
+
+
 class RunConfig(_Section):
     """Everything a `clustermass run` needs; written next to its outputs as config.yaml."""
 
@@ -172,6 +201,7 @@ class RunConfig(_Section):
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    pm: PMConfig = Field(default_factory=PMConfig)
 
 
 # Presets are overrides of the defaults (the paper's values with the SDSS survey setting).
@@ -193,6 +223,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "kde": {"n_grid": 16},
         "training": {"lr": 1e-3, "max_epochs": 2, "patience": 2, "batch_size": 50},
         "evaluation": {"comparison_models": ["cnn1d"], "baselines": True},
+        "pm": {"box_size": 96.0, "n_particles": 64, "n_mesh": 128, "n_steps": 20},
     },
 }
 

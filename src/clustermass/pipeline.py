@@ -40,24 +40,43 @@ def _existing_catalogue_key(out: Path):
 
 
 def simulate_stage(cfg: RunConfig, out: Path, progress: bool = True, overwrite: bool = False,
-                   scheduler: str | None = None) -> Catalogue:
+                   scheduler: str | None = None, engine: str = "analytic") -> Catalogue:
     """Simulate the mock catalogue into ``out`` (reused when it exists with the same config and seed).
 
     A catalogue made with other settings or another seed (trained bundles refer to it by hash)
     is only replaced with ``overwrite``. The catalogue streams to disk chunk by chunk, then is read back.
     ``scheduler`` (``processes:N`` or a Dask scheduler address) runs the chunks as Dask tasks;
-    the files are the same bytes either way.
+    the files are the same bytes either way. ``engine="pm"`` makes the PM mock family instead
+    (:mod:`clustermass.simulate.pmmock`, settings ``cfg.pm``; needs the ``nbody`` extra).
     """
     from ._io import guard_output
+    from .errors import ConfigError
     from .simulate import MODEL_VERSION, simulate_to_directory
 
     out = Path(out)
-    key = config_hash(cfg.simulation, cfg.window) + f"-s{cfg.seed}-m{MODEL_VERSION}"
+    if engine not in ("analytic", "pm"):
+        raise ConfigError(f"unknown simulation engine {engine!r}; choose analytic or pm")
+    if engine == "pm":
+        from .simulate.pmmock import PM_MODEL_VERSION
+
+        key = config_hash(cfg.simulation, cfg.window, cfg.pm) + f"-s{cfg.seed}-pm{PM_MODEL_VERSION}"
+    else:
+        key = config_hash(cfg.simulation, cfg.window) + f"-s{cfg.seed}-m{MODEL_VERSION}"
     existing = _existing_catalogue_key(out)
     if existing == key:
         _log(f"reusing catalogue in {out}", progress)
         return read_catalogue(out)
     guard_output(out, existing, key, overwrite, "a catalogue")
+    if engine == "pm":
+        from .catalog import write_catalogue
+        from .simulate.pmmock import simulate_pm_catalogue
+
+        if scheduler is not None:
+            raise ConfigError("--scheduler is not supported with --engine pm (use --boxes)")
+        cat = simulate_pm_catalogue(cfg.pm, cfg.simulation, cfg.window, cfg.seed, progress=progress)
+        cat.meta["config_key"] = key
+        write_catalogue(cat, out)
+        return read_catalogue(out)
     simulate_to_directory(cfg.simulation, cfg.window, cfg.seed, out, meta={"config_key": key},
                           progress=progress, scheduler=scheduler)
     return read_catalogue(out)

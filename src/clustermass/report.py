@@ -138,6 +138,25 @@ def group_table(metrics: dict) -> str:
     return f'<table id="groups">{head}{"".join(rows)}</table>'
 
 
+def cross_simulation_table(res: dict) -> str:
+    """HTML table of ``cross_simulation.json`` (scripts/cross_simulation.py): one row per
+    (training simulator, evaluation simulator)."""
+    head = ("<tr><th>trained on</th><th>evaluated on</th><th>N</th><th>bias [dex]</th><th>scatter [dex]</th>"
+            "<th>raw bias / scatter [dex]</th><th>coverage 68%</th><th>coverage 95%</th></tr>")
+    rows = []
+    for r in res.get("rows") or []:
+        cls = "" if r.get("same_simulator") else ' class="primary"'
+        rows.append(f"<tr{cls}><td>{html.escape(str(r.get('train')))}</td><td>{html.escape(str(r.get('eval')))}</td>"
+                    f"<td>{_fmt(r.get('n'), '{:d}')}</td><td>{_fmt(r.get('bias'), '{:+.3f}')}</td>"
+                    f"<td>{_fmt(r.get('scatter'), '{:.3f}')}</td><td>{_fmt(r.get('raw_bias'), '{:+.3f}')} / "
+                    f"{_fmt(r.get('raw_scatter'), '{:.3f}')}</td><td>{_fmt(r.get('coverage_68'), '{:.3f}')}</td>"
+                    f"<td>{_fmt(r.get('coverage_95'), '{:.3f}')}</td></tr>")
+    cmd = html.escape(str(res.get("command", "")))
+    return (f'<table id="cross-simulation">{head}{"".join(rows)}</table>'
+            f"<p class='muted'>Cross-simulator rows highlighted; &epsilon; from the posterior median of each "
+            f"model's own calibration. Command: <code>{cmd}</code></p>")
+
+
 def _dict_table(d: dict, table_id: str) -> str:
     rows = []
     for k, v in d.items():
@@ -224,6 +243,14 @@ def build_report(run_dir) -> Path:
             parts.append("<ul>" + "".join(f"<li>{html.escape(str(n))}</li>" for n in metrics["notes"]) + "</ul>")
     else:
         parts.append("<p>No <code>metrics.json</code> in this run directory.</p>")
+
+    cross = run_dir / "cross_simulation.json"
+    if cross.is_file():
+        try:
+            parts.append("<h2 id='cross-simulation-summary'>Cross-simulation test (analytic vs PM mocks)</h2>"
+                         + cross_simulation_table(json.loads(cross.read_text())))
+        except json.JSONDecodeError as exc:
+            raise ClustermassError(f"{cross} is not valid JSON: {exc}") from exc
 
     figs = _figures(run_dir)
     parts.append("<h2 id='figures'>Figures</h2>")

@@ -24,6 +24,7 @@ from .observe import (
     los_depth,
     observe,
     observer_distance,
+    spectroscopic_selection,
     to_sightline_frame,
 )
 
@@ -52,6 +53,8 @@ def diagrams_from_box(
     sim: SimulationConfig,
     seed: int,
     snapshot_redshift: float = 0.0,
+    survey_effects: bool = False,
+    members_within_r200c: bool = False,
 ) -> Catalogue:
     """Phase-space diagrams of the cluster halos of a periodic simulation box.
 
@@ -71,6 +74,16 @@ def diagrams_from_box(
     seed : int
     snapshot_redshift : float
         Redshift of the snapshot (comoving -> proper: divide by 1 + z).
+    survey_effects : bool
+        Also apply the survey's fibre collisions and incompleteness
+        (:func:`~clustermass.simulate.observe.spectroscopic_selection`, ``sim.survey``) as the
+        analytic mock does; the diagram centre always keeps its redshift.
+    members_within_r200c : bool
+        ``is_member``: a galaxy of the cluster's own halo within R200c (3D) of the centre, as in
+        the analytic mock; otherwise (default) every galaxy of the cluster's halo.
+
+    The galaxies table also gets ``los_offset`` (line-of-sight offset from the centre [h^-1 Mpc
+    proper], truth for the 3D profile checks) and ``is_central`` when the input has it.
 
     Returns
     -------
@@ -99,6 +112,7 @@ def diagrams_from_box(
     g_vel = galaxies[["vx", "vy", "vz"]].to_numpy(float)
     g_mag = galaxies["abs_mag_r"].to_numpy(float)
     g_host = galaxies[host_col].to_numpy(np.int64)
+    g_cen = galaxies["is_central"].to_numpy(bool) if "is_central" in galaxies.columns else None
     lm_of = pd.Series(h_lm, index=h_id)
     g_host_lm = lm_of.reindex(g_host).to_numpy(float)
 
@@ -168,9 +182,10 @@ def diagrams_from_box(
     host_sorted = g_host[order]
     for i, r in enumerate(rows):
         j = np.searchsorted(host_sorted, h_id[r])
+        cen_row = None
         if j < host_sorted.size and host_sorted[j] == h_id[r]:
-            cen = order[j]
-            c_pos, c_vel = g_pos[cen], g_vel[cen]
+            cen_row = order[j]
+            c_pos, c_vel = g_pos[cen_row], g_vel[cen_row]
         else:
             c_pos, c_vel = h_pos[r], h_vel[r]
         gi = np.asarray(g_tree.query_ball_point(c_pos, reach), dtype=np.int64)
@@ -178,9 +193,14 @@ def diagrams_from_box(
         hi = np.asarray(h_tree.query_ball_point(c_pos, reach), dtype=np.int64)
         hi = hi[(hi != r) & (h_lm[hi] >= sim.halo_log_m_min)]
         dpos = rel(g_pos[gi], c_pos) / a_fac
+        if members_within_r200c:
+            mem &= np.linalg.norm(dpos, axis=1) <= r200[first[i]]
         dvel = g_vel[gi] - c_vel
         hpos = rel(h_pos[hi], c_pos) / a_fac
         hvel = h_vel[hi] - c_vel
+        is_cen = np.zeros(gi.size, bool)
+        if cen_row is not None:
+            is_cen = gi == cen_row
         for k in range(nsl[i]):
             d = first[i] + k
             bsis = np.broadcast_to(basis[d], (gi.size, 3, 3))
@@ -188,6 +208,13 @@ def diagrams_from_box(
             v = to_sightline_frame(dvel, bsis)
             obs = observe(p, v, g_mag[gi], np.full(gi.size, d), z, chi, window, sim.mag_limit)
             keep = obs["keep"]
+            if survey_effects:
+                cand = np.flatnonzero(keep)
+                got = spectroscopic_selection(obs["x_proj"][cand], obs["y_proj"][cand],
+                                              np.full(cand.size, d), z, chi, sim.survey,
+                                              is_cen[cand], rng)
+                keep = np.zeros_like(keep)
+                keep[cand[got]] = True
             n_gal[d] = keep.sum()
             n_mem[d] = (keep & mem).sum()
             gal_parts.append(
@@ -202,6 +229,8 @@ def diagrams_from_box(
                         "host_log_m200c": g_host_lm[gi][keep].astype(np.float32),
                         "mag_r": obs["mag_r"][keep].astype(np.float32),
                         "abs_mag_r": g_mag[gi][keep].astype(np.float32),
+                        "los_offset": p[keep, 2].astype(np.float32),
+                        **({"is_central": g_cen[gi][keep]} if g_cen is not None else {}),
                     }
                 )
             )
