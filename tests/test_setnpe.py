@@ -207,3 +207,22 @@ def test_infer_catalogue_with_a_set_bundle(trained, tmp_path):
     table = pd.read_parquet(path)
     assert len(table) == 8 and table["log_m_median"].notna().sum() == 7
     assert len(list((tmp_path / "post" / "figures").glob("posterior_*.png"))) == 7
+
+
+def test_symmetrised_posterior_is_invariant_under_the_square_symmetries(trained):
+    """With ``symmetrise`` (default) the posterior averages the 8 symmetries of the square window,
+    so rotating every diagram by 90 degrees or reflecting it changes no posterior."""
+    from clustermass.catalog import Catalogue
+    from clustermass.inference import posterior_table
+
+    cat, bundle, _, _ = trained
+    views = setnpe.square_symmetries(torch.tensor([[[0.3, -0.8, 0.1]]]))
+    assert len({tuple(v.flatten().tolist()) for v in views}) == 8
+    rows = cat.rows()[:6]
+    ref = posterior_table(bundle, cat, rows)
+    cols = ["log_m_median", "log_m_lo1", "log_m_hi1", "log_m_lo2", "log_m_hi2"]
+    for fx, fy in ((lambda g: -g.y_proj, lambda g: g.x_proj), (lambda g: g.x_proj, lambda g: -g.y_proj)):
+        g = cat.galaxies.copy()
+        g["x_proj"], g["y_proj"] = fx(cat.galaxies), fy(cat.galaxies)
+        moved = posterior_table(bundle, Catalogue(cat.clusters, g, cat.halos, cat.meta), rows)
+        assert np.allclose(moved[cols].to_numpy(), ref[cols].to_numpy(), atol=1e-5)

@@ -85,7 +85,8 @@ DEFAULT_ARCH: dict = {
     "grid_points": 301,  # log M values of the posterior grid over the training mass range
     "augment": "rotate",  # "rotate", "d4" or "none"
     "weight_decay": 0.0,  # AdamW weight decay
-    "lr_schedule": "plateau",  # "plateau": halve the lr when the validation NLL does not improve; "none"
+    "lr_schedule": "plateau",
+    "symmetrise": True,  # average the posterior over the 8 symmetries of the square window (D4)  # "plateau": halve the lr when the validation NLL does not improve; "none"
 }
 #: quantile levels of the summary columns (as :mod:`clustermass.posterior`)
 _LEVELS = {"log_m_lo2": 0.02275, "log_m_lo1": 0.1587, "log_m_median": 0.5, "log_m_hi1": 0.8413,
@@ -166,6 +167,18 @@ def augment_sets(x: torch.Tensor, mode: str, generator: torch.Generator | None =
     out = x.clone()
     out[..., 0] = c[:, None] * xs - s[:, None] * ys
     out[..., 1] = s[:, None] * xs + c[:, None] * ys
+    return out
+
+
+def square_symmetries(x: torch.Tensor) -> list[torch.Tensor]:
+    """The 8 images of sets ``x`` (B, N, 3) under the symmetries of the square sky window
+    (rotations by multiples of 90 degrees, with and without a reflection); the identity first."""
+    out = []
+    for flip in (1.0, -1.0):
+        a, b = x[..., 0], x[..., 1] * flip
+        for _ in range(4):
+            out.append(torch.stack([a, b, x[..., 2]], dim=-1))
+            a, b = -b, a
     return out
 
 
@@ -297,13 +310,14 @@ class SetPosterior:
     ----------
     prior : "flat" (the training prior) or "mass-function" (Tinker08 at the cluster's redshift).
     prior_range : (log_m_min, log_m_max) of the grid [log10 h^-1 Msun].
-    conditioning : ("galaxies", "z"): what the flow conditions on.
-    bandwidth, min_neighbours, mean_degree, heteroscedastic : the default KDE-calibration settings,
-        used only by estimators calibrated beside this model (``evaluate``'s baselines when the
-        set model is the primary one); the set posterior itself has no KDE.
+    flow_conditioning : ("galaxies", "z"): what the flow conditions on (per row: ``conditioned_on``).
+    conditioning, bandwidth, min_neighbours, mean_degree, heteroscedastic : the default
+        KDE-calibration settings (``conditioning`` "auto"), used only by estimators calibrated
+        beside this model (``evaluate``'s baselines when the set model is the primary one); the
+        set posterior itself has no KDE.
     """
 
-    conditioning = ("galaxies", "z")
+    flow_conditioning = ("galaxies", "z")
 
     def __init__(self, store: _GridStore, grid: np.ndarray, log_n_range: tuple[float, float], prior: str = "flat",
                  prior_options: dict | None = None, meta: dict | None = None) -> None:
@@ -317,7 +331,7 @@ class SetPosterior:
         self.prior_options = dict(prior_options or {})
         self.meta = dict(meta or {})
         dflt = CalibrationConfig()
-        self.bandwidth, self.min_neighbours = dflt.bandwidth, dflt.min_neighbours
+        self.conditioning, self.bandwidth, self.min_neighbours = dflt.conditioning, dflt.bandwidth, dflt.min_neighbours
         self.mean_degree, self.heteroscedastic = dflt.mean_degree, dflt.heteroscedastic
         self._view = _SetView(self)
 
@@ -421,7 +435,7 @@ class SetPosterior:
         return out
 
     def settings(self) -> dict:
-        return {"format": "clustermass-set-posterior", "conditioning": list(self.conditioning),
+        return {"format": "clustermass-set-posterior", "conditioning": list(self.flow_conditioning),
                 "prior": self.prior, "prior_options": self.prior_options, "prior_range": list(self.prior_range),
                 "grid_points": int(self.grid.size), **self.meta}
 
@@ -510,13 +524,16 @@ class SetBundle:
                 if ok.any():
                     nmax = int(cnt.max())
                     xt = torch.as_tensor(x[ok, :nmax], device=dev)
-                    ctx = net.context(xt, torch.as_tensor(cnt[ok], device=dev),
-                                      torch.as_tensor(z_in[sl][ok], dtype=torch.float32, device=dev),
-                                      torch.as_tensor(log_n[sl][ok], dtype=torch.float32, device=dev))
-                    lp = net.log_density_grid(ctx, grid).double().cpu().numpy()
-                    lp -= lp.max(axis=1, keepdims=True)
+                    args = (torch.as_tensor(cnt[ok], device=dev),
+                            torch.as_tensor(z_in[sl][ok], dtype=torch.float32, device=dev),
+                            torch.as_tensor(log_n[sl][ok], dtype=torch.float32, device=dev))
+                    views = square_symmetries(xt) if self.arch["symmetrise"] else [xt]
+                    acc = 0.0
+                    for xv in views:  # mixture of the views' posteriors (each normalised on the grid)
+                        lp = net.log_density_grid(net.context(xv, *args), grid).double().cpu().numpy()
+                        acc = acc + _normalise(np.exp(lp - lp.max(axis=1, keepdims=True)), dg)[0]
                     idx = np.arange(s, min(s + batch_size, len(rows)))[ok]
-                    pdf_all[idx] = np.exp(lp)
+                    pdf_all[idx] = acc / len(views)
                 bar.update(len(cnt))
         good = np.isfinite(pdf_all).all(axis=1)
         if good.any():
