@@ -22,7 +22,11 @@ Augmentation: every training batch is rotated by a random angle about the line o
 reflected with probability 1/2 (``augment: rotate``; ``d4`` draws only the 8 symmetries of the
 square window; ``none``). The mass does not depend on the orientation of the sky, so this costs
 nothing on sets (a KDE cube would have to be rebuilt). Validation sets are not augmented;
-training stops early on the validation negative log-likelihood, with the best weights kept.
+training (:mod:`clustermass.settraining`) halves the learning rate when the validation negative
+log-likelihood stalls and stops early on it, with the best weights kept. With ``symmetrise``
+(default) a cluster's posterior is the mixture of the flow's posteriors for the 8 symmetries of
+the square window (exact symmetries of the data: no galaxy leaves the window), which makes it
+exactly invariant under them and, on the quick preset, slightly less over-confident.
 
 Posterior summaries: for each cluster the flow density is evaluated on ``grid_points`` (301)
 values of log M spanning the training mass range (the prior support), normalised there (no mass
