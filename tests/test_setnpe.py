@@ -226,3 +226,33 @@ def test_symmetrised_posterior_is_invariant_under_the_square_symmetries(trained)
         g["x_proj"], g["y_proj"] = fx(cat.galaxies), fy(cat.galaxies)
         moved = posterior_table(bundle, Catalogue(cat.clusters, g, cat.halos, cat.meta), rows)
         assert np.allclose(moved[cols].to_numpy(), ref[cols].to_numpy(), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_cli_train_calibrate_evaluate_set(tmp_path, gaussian_catalogue):
+    """``clustermass train --model set``, ``calibrate`` (a validation for the set model) and
+    ``evaluate`` from the command line (~30 s: three processes)."""
+    import json
+    import subprocess
+    import sys
+
+    from clustermass.catalog import Catalogue, write_catalogue
+
+    cat = gaussian_catalogue(60, 5)
+    clusters = cat.clusters.copy()
+    clusters["split"] = np.array(["train", "test", "eval"])[np.arange(len(clusters)) % 3]
+    data = write_catalogue(Catalogue(clusters, cat.galaxies, cat.halos, cat.meta), tmp_path / "cat")
+
+    def cli(*args):
+        r = subprocess.run([sys.executable, "-m", "clustermass.cli", *args, "--preset", "tiny", "-q"],
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        return r.stdout
+
+    model = tmp_path / "models" / "set"
+    cli("train", "--data", str(data), "--model", "set", "--out", str(model))
+    assert json.loads((model / "model.json").read_text())["kind"] == "set"
+    assert "needs no calibration" in cli("calibrate", "--model", str(model), "--data", str(data))
+    cli("evaluate", "--model", str(model), "--data", str(data), "--out", str(tmp_path / "ev"), "--no-baselines")
+    metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert "set" in metrics["models"] and 0 <= metrics["models"]["set"]["coverage_68"] <= 1

@@ -14,9 +14,9 @@ step follows.
 
 Variable numbers of galaxies: sets are zero-padded to the largest set of a batch and a boolean
 mask keeps the padding out of the pooling (padding never changes the output). A diagram with
-more than ``max_gal`` galaxies in the window (512 by default; 0.8% of the quick preset's
-diagrams have more than 1200) is represented by a random subset of ``max_gal`` of them, drawn
-with a seed fixed by its ``diagram_id`` (repeatable); ``log10 n_gal`` still counts them all.
+more than ``max_gal`` galaxies in the window (256 by default: the richest diagrams) is
+represented by a random subset of ``max_gal`` of them, drawn with a seed fixed by its
+``diagram_id`` (repeatable); ``log10 n_gal`` still counts them all.
 
 Augmentation: every training batch is rotated by a random angle about the line of sight and
 reflected with probability 1/2 (``augment: rotate``; ``d4`` draws only the 8 symmetries of the
