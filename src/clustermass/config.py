@@ -195,7 +195,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "simulation": {"n_train": 240, "n_test": 160, "n_eval": 100, "max_sightlines": 5},
         "kde": {"n_grid": 16},
         "training": {"lr": 1e-3, "max_epochs": 2, "patience": 2, "batch_size": 50},
-        "evaluation": {"comparison_models": ["cnn1d"], "baselines": True},
+        # the set model costs < 1 s here (training 0.2 s on 2 cores), so the smoke run covers it
+        "evaluation": {"comparison_models": ["cnn1d", "set"], "baselines": True},
     },
 }
 
