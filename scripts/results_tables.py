@@ -21,6 +21,7 @@ import pandas as pd
 from clustermass._io import write_json_atomic
 
 LABELS = {"cnn3d": "CNN_3D", "cnn2d": "CNN_2D", "cnn1d": "CNN_1D",
+          "set": "set NPE (Deep Sets + flow, posterior median as d_pred)",
           "sigma_evrard": "sigma_v (gapper + biweight, Evrard 2008)", "virial": "virial estimator",
           "caustic": "caustic (Diaferio 1999; Serra et al. 2011)"}
 

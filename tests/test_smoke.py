@@ -21,6 +21,9 @@ def test_run_pipeline_tiny(tmp_path):
     on_disk = json.loads((out / "metrics.json").read_text())
     assert on_disk["eps_std"] == metrics["eps_std"]
     assert "cnn1d" in on_disk["models"]
+    # the set model (issue 15) is evaluated with the same metrics, and validated, not calibrated
+    assert set(on_disk["models"]["set"]) == set(on_disk["models"]["cnn1d"])
+    assert json.loads((out / "models" / "set" / "validation.json").read_text())["n"] > 0
 
     cat = out / "catalogue"
     assert len(pd.read_parquet(cat / "clusters.parquet")) > 0

@@ -10,27 +10,33 @@ unpickles anything.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 import torch
 from torch import nn
 
+from ._bundlefmt import (  # noqa: F401  (the format's names are re-exported here)
+    BUNDLE_FORMAT,
+    BUNDLE_VERSION,
+    CALIBRATION_FILE,
+    META_FILE,
+    WEIGHTS_FILE,
+    integrity_hash,
+)
+from ._bundlefmt import sha256_file as _sha256
 from ._io import atomic_write, write_json_atomic
 from .catalog import Catalogue
 from .config import KDEConfig, WindowConfig
 from .errors import BundleError, ClustermassError, ConfigError
 from .networks import build_network
 
-BUNDLE_FORMAT = "clustermass-model"
-BUNDLE_VERSION = 2  # 2: model.json carries an integrity hash of the preprocessing
-WEIGHTS_FILE = "weights.safetensors"
-META_FILE = "model.json"
-CALIBRATION_FILE = "calibration.parquet"
+if TYPE_CHECKING:
+    from .setnpe import SetBundle
 
 
 def _dataset(catalogue, rows, kind, window, kde, augment=False, seed=0):
@@ -49,26 +55,6 @@ def channels_last(network: nn.Module, kind: str) -> nn.Module:
     """``network`` in the channels-last layout of its kind (faster convolutions, oneDNN/cuDNN)."""
     fmt = memory_format(kind)
     return network.to(memory_format=fmt) if fmt is not None else network
-
-
-def integrity_hash(meta: dict) -> str:
-    """SHA-256 of what fixes a bundle's predictions: kind, architecture, preprocessing (window,
-    KDE grid, input scaling, target standardisation) and the weights' own checksum.
-
-    Editing any of them in ``model.json`` (say ``n_grid`` 16 -> 15, or another window) changes
-    every prediction, so :func:`load_model` refuses a bundle whose hash no longer matches.
-    """
-    keys = ("kind", "architecture", "preprocessing", "weights")
-    text = json.dumps({k: meta.get(k) for k in keys}, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class ModelBundle:
@@ -248,9 +234,9 @@ class ModelBundle:
         return self.calibrated().posterior
 
 
-def load_model(directory: str | Path) -> ModelBundle | BaselineBundle:
-    """Load a model bundle (or a calibrated classical estimator's); never unpickles (JSON +
-    safetensors only).
+def load_model(directory: str | Path) -> ModelBundle | BaselineBundle | SetBundle:
+    """Load a model bundle (a CNN's, a set NPE's (:class:`clustermass.setnpe.SetBundle`) or a
+    calibrated classical estimator's); never unpickles (JSON + safetensors only).
 
     Raises
     ------
@@ -284,6 +270,10 @@ def load_model(directory: str | Path) -> ModelBundle | BaselineBundle:
         raise BundleError(f"{meta_path}: the architecture, preprocessing (window, KDE grid, scaling) or "
                           "weights checksum were edited after training; predictions would be wrong. "
                           "Restore the original model.json or train again")
+    if meta.get("kind") == "set":  # the set-based neural posterior (its flow is the posterior)
+        from .setnpe import load_set_bundle
+
+        return load_set_bundle(directory, meta)
     try:
         kind = meta["kind"]
         archd = meta["architecture"]

@@ -326,3 +326,43 @@ def units_of(path: str | Path) -> dict[str, str]:
     """Column units stored in a parquet file written by this package."""
     md = pq.read_schema(path).metadata or {}
     return json.loads(md.get(b"clustermass.units", b"{}"))
+
+
+# ---------------------------------------------------------------------- training helpers
+def halo_split(catalogue: Catalogue, rows, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Split cluster ``rows`` into (train, validation) by halo.
+
+    ``round(val_fraction * n_halos)`` halos (at least 1, at most n_halos - 1), drawn with
+    ``numpy.random.default_rng(seed)``, go to validation with all their sight lines.
+
+    Returns
+    -------
+    (train_rows, val_rows), both sorted.
+    """
+    rows = np.asarray(rows)
+    halo = catalogue.clusters["halo_id"].to_numpy()[rows]
+    uniq = np.unique(halo)
+    if len(uniq) < 2:
+        raise CatalogueError(
+            f"the train split has {len(uniq)} halo(s); a validation set drawn by halo needs at least 2"
+        )
+    n_val = min(max(1, round(val_fraction * len(uniq))), len(uniq) - 1)
+    val_halos = np.random.default_rng(seed).choice(uniq, size=n_val, replace=False)
+    is_val = np.isin(halo, val_halos)
+    return np.sort(rows[~is_val]), np.sort(rows[is_val])
+
+
+def training_data_range(catalogue: Catalogue) -> dict:
+    """Where a model trained on ``catalogue`` may be applied: its flux limit, distances, masses.
+
+    From the simulation settings in the catalogue's metadata (``mag_limit`` [mag],
+    ``distance_min``/``distance_max`` [h^-1 Mpc, comoving], ``log_m_min``/``log_m_max``) and, when
+    known, the redshift range of its clusters (``z_min``, ``z_max``).
+    """
+    sim = catalogue.meta.get("simulation") or {}
+    out = {k: v for k, v in sim.items()
+           if k in ("mag_limit", "distance_min", "distance_max", "log_m_min", "log_m_max")}
+    z = catalogue.clusters["redshift"].to_numpy(dtype=float)
+    if np.isfinite(z).any():
+        out["z_min"], out["z_max"] = float(np.nanmin(z)), float(np.nanmax(z))
+    return out

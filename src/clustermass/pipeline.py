@@ -98,9 +98,16 @@ def train_stage(cfg: RunConfig, cat: Catalogue, kind: str, out: Path, progress: 
 def calibrate_stage(bundle, cat: Catalogue, calibration: CalibrationConfig, split: str = "test",
                     progress: bool = True):
     """SBI calibration (:func:`clustermass.calibration.calibrate`): predict the ``split`` diagrams and
-    store the calibration (pairs + conditioning columns + settings) in the bundle directory."""
+    store the calibration (pairs + conditioning columns + settings) in the bundle directory.
+
+    A bundle whose posterior needs no calibration (``needs_calibration`` False: the set model,
+    whose flow is the posterior) is validated on the split instead: its coverage goes to
+    ``validation.json`` in the bundle (:meth:`clustermass.setnpe.SetBundle.validate`)."""
     from .calibration import calibrate
 
+    if not getattr(bundle, "needs_calibration", True):
+        bundle.validate(cat, split=split, progress=progress)
+        return bundle
     calibrate(bundle, cat, split=split, config=calibration, progress=progress)
     return bundle
 

@@ -53,7 +53,7 @@ from .bundle import (
     channels_last,
     memory_format,
 )
-from .catalog import Catalogue
+from .catalog import Catalogue, halo_split, training_data_range  # noqa: F401  (re-exported)
 from .config import KIND_DIMS, KDEConfig, TrainingConfig, WindowConfig
 from .datasets import SubsetBatches, TensorBatches, build_inputs, build_inputs_memmap
 from .errors import ClustermassError
@@ -66,29 +66,6 @@ HISTORY_KEYS = ("epoch", "train_loss", "val_loss", "train_s", "val_s", "train_cp
 
 
 # ---------------------------------------------------------------------- data
-def halo_split(catalogue: Catalogue, rows, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Split cluster ``rows`` into (train, validation) by halo.
-
-    ``round(val_fraction * n_halos)`` halos (at least 1, at most n_halos - 1), drawn with
-    ``numpy.random.default_rng(seed)``, go to validation with all their sight lines.
-
-    Returns
-    -------
-    (train_rows, val_rows), both sorted.
-    """
-    rows = np.asarray(rows)
-    halo = catalogue.clusters["halo_id"].to_numpy()[rows]
-    uniq = np.unique(halo)
-    if len(uniq) < 2:
-        raise ClustermassError(
-            f"the train split has {len(uniq)} halo(s); a validation set drawn by halo needs at least 2"
-        )
-    n_val = min(max(1, round(val_fraction * len(uniq))), len(uniq) - 1)
-    val_halos = np.random.default_rng(seed).choice(uniq, size=n_val, replace=False)
-    is_val = np.isin(halo, val_halos)
-    return np.sort(rows[~is_val]), np.sort(rows[is_val])
-
-
 def _rank_world() -> tuple[int, int]:
     """(rank, world size) of the running torch.distributed process group; (0, 1) without one."""
     import torch.distributed as dist
@@ -442,22 +419,6 @@ def _existing_fingerprint(out_dir: Path):
         return "unknown"
 
 
-def training_data_range(catalogue: Catalogue) -> dict:
-    """Where a model trained on ``catalogue`` may be applied: its flux limit, distances, masses.
-
-    From the simulation settings in the catalogue's metadata (``mag_limit`` [mag],
-    ``distance_min``/``distance_max`` [h^-1 Mpc, comoving], ``log_m_min``/``log_m_max``) and, when
-    known, the redshift range of its clusters (``z_min``, ``z_max``).
-    """
-    sim = catalogue.meta.get("simulation") or {}
-    out = {k: v for k, v in sim.items()
-           if k in ("mag_limit", "distance_min", "distance_max", "log_m_min", "log_m_max")}
-    z = catalogue.clusters["redshift"].to_numpy(dtype=float)
-    if np.isfinite(z).any():
-        out["z_min"], out["z_max"] = float(np.nanmin(z)), float(np.nanmax(z))
-    return out
-
-
 def _load_ckpt_state(path: Path) -> dict:
     """The ``state_dict`` of a Lightning checkpoint of our own run (tensors only)."""
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -636,7 +597,8 @@ def train_model(
     Parameters
     ----------
     catalogue : catalogue with a ``train`` split and true ``log_m200c``.
-    kind : "cnn3d", "cnn2d" or "cnn1d".
+    kind : "cnn3d", "cnn2d", "cnn1d", or "set" (:func:`clustermass.settraining.train_set_npe`; ``kde``
+        and ``resume`` do not apply to it).
     window, kde : preprocessing (observation window, KDE grid and input scaling); stored in the bundle.
     training : optimiser, batch size, epochs, patience, validation fraction, augmentation, workers.
     seed : seeds the validation draw, the weights, the batch order and the augmentation.
@@ -669,6 +631,11 @@ def train_model(
     ``batch_size``, so results equal the single-device run up to floating-point reduction order.
     Each process builds the grid cache for itself (forked children share the parent's).
     """
+    if kind == "set":  # the set-based neural posterior trains in its own module (issue 15)
+        from .settraining import train_set_npe
+
+        return train_set_npe(catalogue, window, training, seed, out_dir, progress=progress,
+                             overwrite=overwrite, arch=arch)
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
     ckpt_dir = out_dir / "checkpoints"
