@@ -38,3 +38,27 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def save_weights(network, directory: Path) -> dict:
+    """Write a network's state dict to ``directory/weights.safetensors`` atomically (safetensors:
+    loading it cannot run code); returns the ``model.json["weights"]`` entry (file, sha256, keys)."""
+    from safetensors.torch import save_file
+
+    from ._io import atomic_write
+
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in network.state_dict().items()}
+    atomic_write(directory / WEIGHTS_FILE, lambda p: save_file(state, str(p), metadata={"format": BUNDLE_FORMAT}))
+    return {"file": WEIGHTS_FILE, "sha256": sha256_file(directory / WEIGHTS_FILE), "keys": sorted(state)}
+
+
+def existing_fingerprint(out_dir: Path):
+    """What the bundle in ``out_dir`` was trained from: its ``model.json`` fingerprint, None when
+    there is no bundle, ``"unknown"`` when ``model.json`` is unreadable."""
+    meta_file = Path(out_dir) / META_FILE
+    if not meta_file.is_file():
+        return None
+    try:
+        return json.loads(meta_file.read_text()).get("fingerprint", "unknown")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return "unknown"

@@ -27,9 +27,10 @@ from ._bundlefmt import (  # noqa: F401  (the format's names are re-exported her
     META_FILE,
     WEIGHTS_FILE,
     integrity_hash,
+    save_weights,
 )
 from ._bundlefmt import sha256_file as _sha256
-from ._io import atomic_write, write_json_atomic
+from ._io import write_json_atomic
 from .catalog import Catalogue
 from .config import KDEConfig, WindowConfig
 from .errors import BundleError, ClustermassError, ConfigError
@@ -126,14 +127,9 @@ class ModelBundle:
     # -------------------------------------------------------------- persistence
     def save(self, directory: str | Path) -> Path:
         """Write ``weights.safetensors`` and ``model.json`` (and the calibration) atomically."""
-        from safetensors.torch import save_file
-
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().cpu().contiguous().clone() for k, v in self.network.state_dict().items()}
-        atomic_write(directory / WEIGHTS_FILE, lambda p: save_file(state, str(p), metadata={"format": BUNDLE_FORMAT}))
-        self.meta["weights"] = {"file": WEIGHTS_FILE, "sha256": _sha256(directory / WEIGHTS_FILE),
-                                "keys": sorted(state)}
+        self.meta["weights"] = save_weights(self.network, directory)
         self.meta["integrity"] = integrity_hash(self.meta)
         cal = self.calibrated(required=False)
         if cal is not None and (self.path is None or directory.resolve() != self.path.resolve()):

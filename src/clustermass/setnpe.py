@@ -62,13 +62,13 @@ import zuko
 from torch import nn
 
 from ._bundlefmt import (
-    BUNDLE_FORMAT,
     META_FILE,
     WEIGHTS_FILE,
     integrity_hash,
+    save_weights,
     sha256_file,
 )
-from ._io import atomic_write, write_json_atomic
+from ._io import write_json_atomic
 from .calibration import cluster_conditions, mass_function_weights
 from .catalog import Catalogue
 from .config import WindowConfig
@@ -583,14 +583,9 @@ class SetBundle:
 
     def save(self, directory: str | Path) -> Path:
         """Write ``weights.safetensors`` and ``model.json`` atomically."""
-        from safetensors.torch import save_file
-
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().cpu().contiguous().clone() for k, v in self.network.state_dict().items()}
-        atomic_write(directory / WEIGHTS_FILE, lambda p: save_file(state, str(p), metadata={"format": BUNDLE_FORMAT}))
-        self.meta["weights"] = {"file": WEIGHTS_FILE, "sha256": sha256_file(directory / WEIGHTS_FILE),
-                                "keys": sorted(state)}
+        self.meta["weights"] = save_weights(self.network, directory)
         self.meta["integrity"] = integrity_hash(self.meta)
         self._posterior.meta["model"] = self.meta["integrity"]
         write_json_atomic(directory / META_FILE, self.meta)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import logging
 import math
 import time
@@ -30,7 +29,7 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 
-from ._bundlefmt import BUNDLE_FORMAT, BUNDLE_VERSION, META_FILE
+from ._bundlefmt import BUNDLE_FORMAT, BUNDLE_VERSION, existing_fingerprint
 from ._io import guard_output
 from .catalog import Catalogue, halo_split, training_data_range
 from .config import TrainingConfig, WindowConfig
@@ -173,14 +172,6 @@ def _fingerprint(arch: dict, window: WindowConfig, training: TrainingConfig, see
             "seed": int(seed), "data_hash": data_hash}
 
 
-def _existing_fingerprint(out_dir: Path):
-    meta_file = out_dir / META_FILE
-    if not meta_file.is_file():
-        return None
-    try:
-        return json.loads(meta_file.read_text()).get("fingerprint", "unknown")
-    except (OSError, json.JSONDecodeError, AttributeError):
-        return "unknown"
 
 
 @contextlib.contextmanager
@@ -236,7 +227,7 @@ def train_set_npe(catalogue: Catalogue, window: WindowConfig, training: Training
     arch_full = full_arch(arch)
     data_hash = catalogue.data_hash()
     fingerprint = _fingerprint(arch_full, window, training, seed, data_hash)
-    guard_output(out_dir, _existing_fingerprint(out_dir), fingerprint, overwrite, "a model bundle")
+    guard_output(out_dir, existing_fingerprint(out_dir), fingerprint, overwrite, "a model bundle")
 
     train_rows, val_rows = halo_split(catalogue, rows, training.val_fraction, seed)
     both = np.concatenate([train_rows, val_rows])

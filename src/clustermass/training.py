@@ -42,12 +42,12 @@ from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, Progress
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
+from ._bundlefmt import existing_fingerprint
 from ._io import guard_output, write_json_atomic
 from .bundle import (
     BUNDLE_FORMAT,
     BUNDLE_VERSION,
     CALIBRATION_FILE,
-    META_FILE,
     ModelBundle,
     _dataset,
     channels_last,
@@ -408,15 +408,6 @@ def _readable_checkpoint(path: Path) -> bool:
     return True
 
 
-def _existing_fingerprint(out_dir: Path):
-    """What the bundle in ``out_dir`` was trained from (None when there is no bundle)."""
-    meta_file = out_dir / META_FILE
-    if not meta_file.is_file():
-        return None
-    try:
-        return json.loads(meta_file.read_text()).get("fingerprint", "unknown")
-    except (OSError, json.JSONDecodeError, AttributeError):
-        return "unknown"
 
 
 def _load_ckpt_state(path: Path) -> dict:
@@ -643,7 +634,7 @@ def train_model(
     arch_full = json.loads(json.dumps({**default_arch(kind), **(arch or {})}))  # tuples -> lists, JSON-ready
     fingerprint = _run_fingerprint(kind, arch_full, window, kde, training, seed, catalogue.data_hash())
     ckpt_path = _resume_from(ckpt_dir, fingerprint, resume)
-    guard_output(out_dir, _existing_fingerprint(out_dir), fingerprint, overwrite, "a model bundle")
+    guard_output(out_dir, existing_fingerprint(out_dir), fingerprint, overwrite, "a model bundle")
     rank = _launch_rank(training)  # under DDP only rank 0 touches the output directory
     if rank == 0:
         if ckpt_path is None and ckpt_dir.exists():
