@@ -150,7 +150,8 @@ def test_interrupted_run_resumes_like_an_uninterrupted_run(cat, tmp_path, monkey
 def test_tampered_or_mismatched_bundle_is_refused(trained, tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from clustermass.bundle import _sha256, integrity_hash, load_model
+    from clustermass._bundlefmt import sha256_file as _sha256
+    from clustermass.bundle import integrity_hash, load_model
 
     def reseal(meta):  # a consistent model.json, to reach the checks behind the integrity hash
         meta["integrity"] = integrity_hash(meta)

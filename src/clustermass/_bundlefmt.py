@@ -62,3 +62,34 @@ def existing_fingerprint(out_dir: Path):
         return json.loads(meta_file.read_text()).get("fingerprint", "unknown")
     except (OSError, json.JSONDecodeError, AttributeError):
         return "unknown"
+
+
+def load_weights(directory: Path, expected_sha: str, network, what: str) -> None:
+    """Load ``directory/weights.safetensors`` into ``network`` after checking the checksum from
+    ``model.json`` and that the tensors match the architecture (``what`` names it in errors).
+    Raises :class:`~clustermass.errors.BundleError`; never unpickles."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from .errors import BundleError
+
+    w_path = Path(directory) / WEIGHTS_FILE
+    if not w_path.is_file():
+        raise BundleError(f"{directory} has no {WEIGHTS_FILE}")
+    if sha256_file(w_path) != expected_sha:
+        raise BundleError(f"{w_path} does not match the checksum in {META_FILE} (corrupt or tampered file)")
+    try:
+        state = load_file(str(w_path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise BundleError(f"cannot read {w_path}: {exc}") from exc
+    want = network.state_dict()
+    missing = sorted(set(want) - set(state))
+    unexpected = sorted(set(state) - set(want))
+    shapes = [f"{k}: file {tuple(state[k].shape)} vs config {tuple(want[k].shape)}"
+              for k in sorted(set(want) & set(state)) if state[k].shape != want[k].shape]
+    if missing or unexpected or shapes:
+        parts = [f"missing {missing}"] * bool(missing) + [f"unexpected {unexpected}"] * bool(unexpected)
+        parts += ["shape mismatch " + "; ".join(shapes)] * bool(shapes)
+        raise BundleError(f"weights in {w_path} do not match the {what} architecture in {META_FILE}: "
+                          + ", ".join(parts))
+    network.load_state_dict(state)

@@ -27,9 +27,9 @@ from ._bundlefmt import (  # noqa: F401  (the format's names are re-exported her
     META_FILE,
     WEIGHTS_FILE,
     integrity_hash,
+    load_weights,
     save_weights,
 )
-from ._bundlefmt import sha256_file as _sha256
 from ._io import write_json_atomic
 from .catalog import Catalogue
 from .config import KDEConfig, WindowConfig
@@ -240,8 +240,6 @@ def load_model(directory: str | Path) -> ModelBundle | BaselineBundle | SetBundl
         names/shapes do not match the architecture in ``model.json``.
     """
     from pydantic import ValidationError
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
 
     directory = Path(directory)
     meta_path, w_path = directory / META_FILE, directory / WEIGHTS_FILE
@@ -284,30 +282,8 @@ def load_model(directory: str | Path) -> ModelBundle | BaselineBundle | SetBundl
         expected_sha = meta["weights"]["sha256"]
     except (KeyError, TypeError, ValidationError, ConfigError) as exc:
         raise BundleError(f"{meta_path} is incomplete or invalid: {exc!r}") from exc
-    if not w_path.is_file():
-        raise BundleError(f"{directory} has no {WEIGHTS_FILE}")
-    if _sha256(w_path) != expected_sha:
-        raise BundleError(f"{w_path} does not match the checksum in {META_FILE} (corrupt or tampered file)")
-    try:
-        state = load_file(str(w_path))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise BundleError(f"cannot read {w_path}: {exc}") from exc
-    want = network.state_dict()
-    missing = sorted(set(want) - set(state))
-    unexpected = sorted(set(state) - set(want))
-    shapes = [f"{k}: file {tuple(state[k].shape)} vs config {tuple(want[k].shape)}"
-              for k in sorted(set(want) & set(state)) if state[k].shape != want[k].shape]
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"missing {missing}")
-        if unexpected:
-            parts.append(f"unexpected {unexpected}")
-        if shapes:
-            parts.append("shape mismatch " + "; ".join(shapes))
-        raise BundleError(f"weights in {w_path} do not match the {kind} architecture in {META_FILE}: "
-                          + ", ".join(parts))
-    network.load_state_dict(state)
+    load_weights(directory, expected_sha, network, kind)
+    state = network.state_dict()
     for name in ("mean", "std"):
         if not math.isclose(float(state[f"target_{name}"]), float(target[name]), rel_tol=1e-6, abs_tol=1e-6):
             raise BundleError(f"{w_path}: target_{name} differs from model.json (inconsistent bundle)")

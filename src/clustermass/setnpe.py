@@ -65,8 +65,8 @@ from ._bundlefmt import (
     META_FILE,
     WEIGHTS_FILE,
     integrity_hash,
+    load_weights,
     save_weights,
-    sha256_file,
 )
 from ._io import write_json_atomic
 from .calibration import cluster_conditions, mass_function_weights
@@ -604,8 +604,6 @@ def load_set_bundle(directory: str | Path, meta: dict) -> SetBundle:
     """A set bundle from ``directory`` whose ``model.json`` (already integrity-checked by
     :func:`clustermass.bundle.load_model`) is ``meta``; never unpickles."""
     from pydantic import ValidationError
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
 
     directory = Path(directory)
     w_path = directory / WEIGHTS_FILE
@@ -616,19 +614,8 @@ def load_set_bundle(directory: str | Path, meta: dict) -> SetBundle:
         expected = meta["weights"]["sha256"]
     except (KeyError, TypeError, ValidationError, ConfigError) as exc:
         raise BundleError(f"{directory / META_FILE} is incomplete or invalid: {exc!r}") from exc
-    if not w_path.is_file():
-        raise BundleError(f"{directory} has no {WEIGHTS_FILE}")
-    if sha256_file(w_path) != expected:
-        raise BundleError(f"{w_path} does not match the checksum in {META_FILE} (corrupt or tampered file)")
-    try:
-        state = load_file(str(w_path))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise BundleError(f"cannot read {w_path}: {exc}") from exc
-    want = net.state_dict()
-    bad = sorted(set(want) ^ set(state)) + [k for k in set(want) & set(state) if want[k].shape != state[k].shape]
-    if bad:
-        raise BundleError(f"weights in {w_path} do not match the set architecture in {META_FILE}: {bad[:5]}")
-    net.load_state_dict(state)
+    load_weights(directory, expected, net, "set")
+    state = net.state_dict()
     for name, d in pre["standardisation"].items():
         for s, v in d.items():
             if not math.isclose(float(state[f"{name}_{s}"]), float(v), rel_tol=1e-6, abs_tol=1e-6):

@@ -17,12 +17,9 @@ neither Lightning nor the training code (as :mod:`clustermass.training` is apart
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import logging
 import math
 import time
-import warnings
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -31,6 +28,7 @@ import torch
 
 from ._bundlefmt import BUNDLE_FORMAT, BUNDLE_VERSION, existing_fingerprint
 from ._io import guard_output
+from ._lightning import quiet_lightning
 from .catalog import Catalogue, halo_split, training_data_range
 from .config import TrainingConfig, WindowConfig
 from .errors import ClustermassError
@@ -174,23 +172,6 @@ def _fingerprint(arch: dict, window: WindowConfig, training: TrainingConfig, see
 
 
 
-@contextlib.contextmanager
-def _quiet_lightning():
-    """Silence Lightning's banners, tips and data-loader hints while the set model trains."""
-    names = ("lightning", "lightning.pytorch", "lightning.fabric", "lightning.pytorch.utilities.rank_zero",
-             "lightning.fabric.utilities.rank_zero")
-    loggers = [logging.getLogger(n) for n in names]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", module=r"lightning.*")
-            warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
-            yield
-    finally:
-        for lg, lv in zip(loggers, levels, strict=True):
-            lg.setLevel(lv)
 
 
 def train_set_npe(catalogue: Catalogue, window: WindowConfig, training: TrainingConfig, seed: int,
@@ -270,7 +251,7 @@ def train_set_npe(catalogue: Catalogue, window: WindowConfig, training: Training
         module = SetNPEModule(net, training.lr, training.betas, float(arch_full["weight_decay"]),
                               arch_full["augment"], progress_bar=bar, lr_schedule=arch_full["lr_schedule"])
         early = EarlyStopping(monitor="val_loss", mode="min", patience=training.patience)
-        with _quiet_lightning():
+        with quiet_lightning():
             trainer = pl.Trainer(max_epochs=training.max_epochs, accelerator="gpu" if cuda else "cpu", devices=1,
                                  callbacks=[early], logger=False, enable_checkpointing=False,
                                  enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,

@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
-import logging
 import math
 import os
 import shutil
@@ -44,6 +43,7 @@ from torch import nn
 
 from ._bundlefmt import existing_fingerprint
 from ._io import guard_output, write_json_atomic
+from ._lightning import quiet_lightning
 from .bundle import (
     BUNDLE_FORMAT,
     BUNDLE_VERSION,
@@ -327,27 +327,6 @@ def read_history(log_dir: str | Path) -> list[dict]:
     return [{k: row.get(k, math.nan) for k in HISTORY_KEYS} for _, row in sorted(rows.items())]
 
 
-@contextlib.contextmanager
-def _quiet_lightning():
-    """Silence Lightning's banners and hints (GPU available, worker counts, ...)."""
-    names = ["lightning", "lightning.pytorch", "lightning.fabric", "lightning.pytorch.utilities.rank_zero",
-             "lightning.fabric.utilities.rank_zero", "lightning.pytorch.accelerators.cuda"]
-    loggers = [logging.getLogger(n) for n in names]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", module=r"lightning.*")
-            warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
-            warnings.filterwarnings("ignore", message=r".*number of training batches.*")
-            warnings.filterwarnings("ignore", message=r".*Checkpoint directory.*exists.*")
-            # DDP with channels-last weights: harmless (gradients are copied into the buckets)
-            warnings.filterwarnings("ignore", message=r".*Grad strides do not match bucket view.*")
-            yield
-    finally:
-        for lg, lv in zip(loggers, levels, strict=True):
-            lg.setLevel(lv)
 
 
 def _precision(training: TrainingConfig, cuda: bool) -> str:
@@ -492,7 +471,7 @@ def _fit(module: Regressor, data: PhaseSpaceDataModule, kind: str, training: Tra
     ckpt = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val_loss", mode="min",
                            save_top_k=1, save_last=True, enable_version_counter=False)
     bar = [EpochProgressBar(training.max_epochs, f"train {kind}")] if progress else []
-    with _quiet_lightning():
+    with quiet_lightning():
         trainer = pl.Trainer(
             max_epochs=training.max_epochs, accelerator="gpu" if cuda else "cpu",
             devices=training.devices, num_nodes=training.num_nodes, strategy=_strategy(training),
