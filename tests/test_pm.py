@@ -192,6 +192,14 @@ def test_tiny_box_halos_galaxies_and_catalogue(tiny_box, tmp_path):
     assert (back.galaxies["mag_r"] <= cfg.simulation.mag_limit + 1e-4).all()
     assert back.clusters["log_m200c"].min() >= cfg.simulation.log_m_min
     assert 0.1 < back.clusters["interloper_fraction"].median() < 0.9
+    # the analytic engine's realism checks hold here too (tests/test_simulator_realism.py):
+    # no density cliff at R200c (0.74 here; a members-only cut gives ~0.5) and positions alone
+    # carry almost no mass information (forward scatter 0.231 vs the sample's 0.237 dex)
+    from clustermass.simulate import checks
+
+    assert checks.surface_density_ratio(cat, cfg.window.r_max) >= 0.65
+    ts = checks.truncated_sphere_scatter(cat, cfg.window.r_max)
+    assert ts["scatter_forward_dex"] >= 0.8 * ts["sample_std_dex"], ts
 
 
 def cosmology_r200(lm):
