@@ -32,28 +32,7 @@ import numpy as np
 
 from clustermass import cosmology
 from clustermass._io import write_json_atomic
-
-
-def nfw_jeans_diagram(log_m, z, n, seed, x_max=2.0):
-    """(x, y, v_los) of ``n`` NFW members out to ``x_max`` R200c, Jeans velocities, no interlopers."""
-    from clustermass.simulate.galaxies import (
-        anisotropy_beta,
-        concentration,
-        jeans_sigma_r,
-        sample_nfw_radius,
-    )
-
-    rng = np.random.default_rng(seed)
-    c = float(np.ravel(concentration(log_m, z))[0])
-    r200, v200 = float(cosmology.r200c(log_m, z)), float(cosmology.v200c(log_m, z))
-    x = sample_nfw_radius(np.full(n, c), rng, x_max)
-    u = rng.normal(size=(n, 3))
-    u /= np.linalg.norm(u, axis=1)[:, None]
-    sig_r = jeans_sigma_r(x, c) * v200
-    t = rng.normal(size=(n, 3))
-    t -= (t * u).sum(1)[:, None] * u
-    vel = rng.normal(size=n)[:, None] * sig_r[:, None] * u + t * (sig_r * np.sqrt(1 - anisotropy_beta(x, c)))[:, None]
-    return np.column_stack([x * u[:, 0] * r200, x * u[:, 1] * r200, vel[:, 2]])
+from clustermass.simulate.checks import nfw_jeans_diagram
 
 
 def bench_nfw() -> dict:

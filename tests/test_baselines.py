@@ -19,6 +19,7 @@ from clustermass.baselines import (
     virial_log_m,
     virial_mass,
 )
+from clustermass.simulate.checks import nfw_jeans_diagram
 
 S = 400.0  # +-S stays within one 1000 km/s gap
 HEX = np.array([[math.cos(k * math.pi / 3), math.sin(k * math.pi / 3)] for k in range(6)])
@@ -135,27 +136,6 @@ def test_run_baselines_on_catalogue(assemble_catalogue):
 
 
 # ---------------------------------------------------------------------- caustic
-def _nfw_jeans_cluster(log_m, z, n, seed, x_max=2.0):
-    """An NFW halo of ``n`` members out to ``x_max`` R200c, velocities from the Jeans solution
-    (the simulator's beta(r) = 0.5 r / (r + r_s)), no interlopers; (x, y, v_los) [h^-1 Mpc, km/s]."""
-    from clustermass.simulate.galaxies import (
-        anisotropy_beta,
-        concentration,
-        jeans_sigma_r,
-        sample_nfw_radius,
-    )
-
-    rng = np.random.default_rng(seed)
-    c = float(np.ravel(concentration(log_m, z))[0])
-    r200, v200 = float(cosmology.r200c(log_m, z)), float(cosmology.v200c(log_m, z))
-    x = sample_nfw_radius(np.full(n, c), rng, x_max)
-    u = rng.normal(size=(n, 3))
-    u /= np.linalg.norm(u, axis=1)[:, None]
-    sig_r = jeans_sigma_r(x, c) * v200
-    t = rng.normal(size=(n, 3))
-    t -= (t * u).sum(1)[:, None] * u  # two tangential components, each N(0, 1)
-    vel = rng.normal(size=n)[:, None] * sig_r[:, None] * u + t * (sig_r * np.sqrt(1 - anisotropy_beta(x, c)))[:, None]
-    return np.column_stack([x * u[:, 0] * r200, x * u[:, 1] * r200, vel[:, 2]])
 
 
 def test_caustic_recovers_m200c_of_nfw_halos():
@@ -172,7 +152,7 @@ def test_caustic_recovers_m200c_of_nfw_halos():
 
     z = 0.05
     lms = np.linspace(14.0, 14.9, 12)
-    est = np.array([caustic_mass(_nfw_jeans_cluster(lm, z, 200, 100 + i), z).log_m for i, lm in enumerate(lms)])
+    est = np.array([caustic_mass(nfw_jeans_diagram(lm, z, 200, 100 + i), z).log_m for i, lm in enumerate(lms)])
     eps = est - lms
     assert np.isfinite(eps).all()
     assert abs(np.median(eps)) < 0.15
@@ -256,7 +236,7 @@ def test_caustic_is_reproducible():
     from clustermass.caustic import MAX_POINTS, caustic_mass
 
     for n in (120, MAX_POINTS + 150):
-        pts = _nfw_jeans_cluster(14.6, 0.04, n, 7)
+        pts = nfw_jeans_diagram(14.6, 0.04, n, 7)
         a, b = caustic_mass(pts, 0.04), caustic_mass(pts.copy(), 0.04)
         assert a == b and np.isfinite(a.log_m)
 
@@ -265,7 +245,7 @@ def test_run_baselines_caustic_column(assemble_catalogue):
     from clustermass.caustic import caustic_mass
     from clustermass.config import WindowConfig
 
-    gals = [dict(zip(("x_proj", "y_proj", "v_los"), _nfw_jeans_cluster(lm, 0.05, n, 11 + i).T, strict=True))
+    gals = [dict(zip(("x_proj", "y_proj", "v_los"), nfw_jeans_diagram(lm, 0.05, n, 11 + i).T, strict=True))
             for i, (lm, n) in enumerate([(14.3, 120), (14.8, 160), (14.5, 6)])]
     cat = assemble_catalogue(gals, split="eval", log_m200c=[14.3, 14.8, 14.5], redshift=0.05)
     out = run_baselines(cat, progress=False, window=WindowConfig())

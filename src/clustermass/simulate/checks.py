@@ -13,7 +13,9 @@ returns plain numbers.
   the sampling noise removed;
 - :func:`stacked_profile_3d` / :func:`steepest_slope_radius`: the stacked 3D number density of
   all galaxies around the clusters and the radius of its steepest logarithmic slope (splashback);
-- :func:`interloper_table`: interloper fraction and interloper-cluster rate per mass bin.
+- :func:`interloper_table`: interloper fraction and interloper-cluster rate per mass bin;
+- :func:`nfw_jeans_diagram`: one isolated NFW halo with Jeans velocities and no interlopers, the
+  known-mass test case of the mass estimators (caustic tests and benchmark).
 """
 
 from __future__ import annotations
@@ -226,3 +228,24 @@ def interloper_table(cat, edges=(13.7, 14.0, 14.3, 14.6, 14.9, 15.2)) -> list[di
             if sel.any() else float("nan"),
         })
     return out
+
+
+# ---------------------------------------------------------------- a known-mass test cluster
+def nfw_jeans_diagram(log_m: float, z: float, n: int, seed: int, x_max: float = 2.0) -> np.ndarray:
+    """(x_proj, y_proj, v_los) [h^-1 Mpc, h^-1 Mpc, km/s] of ``n`` members of an isolated NFW
+    halo of log10 M200c ``log_m`` [h^-1 Msun] at redshift ``z``, out to ``x_max`` R200c, velocities
+    from the simulator's Jeans solution (beta(r) = 0.5 r / (r + r_s)); no interlopers."""
+    from .. import cosmology
+    from .galaxies import anisotropy_beta, concentration, jeans_sigma_r, sample_nfw_radius
+
+    rng = np.random.default_rng(seed)
+    c = float(np.ravel(concentration(log_m, z))[0])
+    r200, v200 = float(cosmology.r200c(log_m, z)), float(cosmology.v200c(log_m, z))
+    x = sample_nfw_radius(np.full(n, c), rng, x_max)
+    u = rng.normal(size=(n, 3))
+    u /= np.linalg.norm(u, axis=1)[:, None]
+    sig_r = jeans_sigma_r(x, c) * v200
+    t = rng.normal(size=(n, 3))
+    t -= (t * u).sum(1)[:, None] * u  # two tangential components, each N(0, 1)
+    vel = rng.normal(size=n)[:, None] * sig_r[:, None] * u + t * (sig_r * np.sqrt(1 - anisotropy_beta(x, c)))[:, None]
+    return np.column_stack([x * u[:, 0] * r200, x * u[:, 1] * r200, vel[:, 2]])
