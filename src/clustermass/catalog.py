@@ -352,6 +352,18 @@ def halo_split(catalogue: Catalogue, rows, val_fraction: float, seed: int) -> tu
     return np.sort(rows[~is_val]), np.sort(rows[is_val])
 
 
+def train_validation_split(catalogue: Catalogue, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(train rows, validation rows, log10 M200c of every cluster) of the ``train`` split, split by
+    halo (:func:`halo_split`); raises CatalogueError without a train split or with NaN masses."""
+    rows = catalogue.rows("train")
+    if len(rows) == 0:
+        raise CatalogueError("the catalogue has no 'train' split to train on")
+    logm = catalogue.clusters["log_m200c"].to_numpy(dtype=np.float64)
+    if not np.isfinite(logm[rows]).all():
+        raise CatalogueError("training needs true masses, but the 'train' split has NaN log_m200c")
+    return *halo_split(catalogue, rows, val_fraction, seed), logm
+
+
 def training_data_range(catalogue: Catalogue) -> dict:
     """Where a model trained on ``catalogue`` may be applied: its flux limit, distances, masses.
 

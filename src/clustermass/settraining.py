@@ -29,7 +29,7 @@ import torch
 from ._bundlefmt import BUNDLE_FORMAT, BUNDLE_VERSION, existing_fingerprint
 from ._io import guard_output
 from ._lightning import quiet_lightning
-from .catalog import Catalogue, halo_split, training_data_range
+from .catalog import Catalogue, train_validation_split, training_data_range
 from .config import TrainingConfig, WindowConfig
 from .errors import ClustermassError
 from .setnpe import (
@@ -199,18 +199,12 @@ def train_set_npe(catalogue: Catalogue, window: WindowConfig, training: Training
     if training.devices * training.num_nodes > 1:
         raise ClustermassError("the set model trains on one device (training.devices = 1, num_nodes = 1)")
     out_dir = Path(out_dir)
-    rows = catalogue.rows("train")
-    if len(rows) == 0:
-        raise ClustermassError("the catalogue has no 'train' split to train on")
-    logm = catalogue.clusters["log_m200c"].to_numpy(dtype=np.float64)
-    if not np.isfinite(logm[rows]).all():
-        raise ClustermassError("training needs true masses, but the 'train' split has NaN log_m200c")
+    train_rows, val_rows, logm = train_validation_split(catalogue, training.val_fraction, seed)
     arch_full = full_arch(arch)
     data_hash = catalogue.data_hash()
     fingerprint = _fingerprint(arch_full, window, training, seed, data_hash)
     guard_output(out_dir, existing_fingerprint(out_dir), fingerprint, overwrite, "a model bundle")
 
-    train_rows, val_rows = halo_split(catalogue, rows, training.val_fraction, seed)
     both = np.concatenate([train_rows, val_rows])
     x, cnt = set_inputs(catalogue, both, window, int(arch_full["max_gal"]))
     z, log_n = _conditions(catalogue, both, window)

@@ -53,7 +53,7 @@ from .bundle import (
     channels_last,
     memory_format,
 )
-from .catalog import Catalogue, halo_split, training_data_range  # noqa: F401  (re-exported)
+from .catalog import Catalogue, halo_split, train_validation_split, training_data_range  # noqa: F401  (re-exported)
 from .config import KIND_DIMS, KDEConfig, TrainingConfig, WindowConfig
 from .datasets import SubsetBatches, TensorBatches, build_inputs, build_inputs_memmap
 from .errors import ClustermassError
@@ -397,13 +397,7 @@ def _load_ckpt_state(path: Path) -> dict:
 
 def _train_split(catalogue: Catalogue, val_fraction: float, seed: int):
     """(train rows, validation rows, target mean, target std) of the ``train`` split [log10 M]."""
-    rows = catalogue.rows("train")
-    if len(rows) == 0:
-        raise ClustermassError("the catalogue has no 'train' split to train on")
-    logm = catalogue.clusters["log_m200c"].to_numpy(dtype=np.float64)
-    if not np.isfinite(logm[rows]).all():
-        raise ClustermassError("training needs true masses, but the 'train' split has NaN log_m200c")
-    train_rows, val_rows = halo_split(catalogue, rows, val_fraction, seed)
+    train_rows, val_rows, logm = train_validation_split(catalogue, val_fraction, seed)
     t_mean, t_std = float(logm[train_rows].mean()), float(logm[train_rows].std())
     return train_rows, val_rows, t_mean, t_std if t_std > 0 else 1.0
 
