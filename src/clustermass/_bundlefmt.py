@@ -88,8 +88,13 @@ def load_weights(directory: Path, expected_sha: str, network, what: str) -> None
     shapes = [f"{k}: file {tuple(state[k].shape)} vs config {tuple(want[k].shape)}"
               for k in sorted(set(want) & set(state)) if state[k].shape != want[k].shape]
     if missing or unexpected or shapes:
-        parts = [f"missing {missing}"] * bool(missing) + [f"unexpected {unexpected}"] * bool(unexpected)
-        parts += ["shape mismatch " + "; ".join(shapes)] * bool(shapes)
+        parts = []
+        if missing:
+            parts.append(f"missing {missing}")
+        if unexpected:
+            parts.append(f"unexpected {unexpected}")
+        if shapes:
+            parts.append("shape mismatch " + "; ".join(shapes))
         raise BundleError(f"weights in {w_path} do not match the {what} architecture in {META_FILE}: "
                           + ", ".join(parts))
     network.load_state_dict(state)
