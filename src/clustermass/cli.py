@@ -33,7 +33,7 @@ Seed = Annotated[int | None, typer.Option(min=0, help="random seed, a non-negati
 PriorChoice = str  # "flat" or "mass-function" (checked by clustermass.calibration)
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars or log lines")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="replace an output made from other inputs or settings")]
-Scheduler = Annotated[str | None, typer.Option(help="run as Dask tasks: processes:N (local cluster) or a scheduler address tcp://host:8786 (needs clustermass[dask]); same output bytes")]
+Scheduler = Annotated[str | None, typer.Option(help="run as Dask tasks: processes:N (local cluster) or a scheduler address tcp://host:8786 (needs the dask extra: pip install 'clustermass\\[dask]'); same output bytes")]
 Devices = Annotated[int | None, typer.Option(min=1, help="devices (GPUs; CPU processes without one) per node (default: the preset's, 1)")]
 NumNodes = Annotated[int | None, typer.Option("--num-nodes", min=1, help="nodes of a multi-node training (Slurm: srun; see docs/scaling.md)")]
 Strategy = Annotated[str | None, typer.Option(help="Lightning strategy: auto, ddp, ddp_spawn, ddp_fork")]
@@ -77,7 +77,7 @@ def simulate(
     scheduler: Scheduler = None,
     engine: Annotated[str, typer.Option(help="analytic (default: the fitted-formula mocks) or pm (a "
                                              "particle-mesh box with FoF halos and halotools galaxies; "
-                                             "needs clustermass[nbody]; settings in the pm section)")] = "analytic",
+                                             "needs the nbody extra, pip install 'clustermass\\[nbody]'; settings in the pm section)")] = "analytic",
     boxes: Annotated[int | None, typer.Option(min=1, help="--engine pm: independent boxes (seeds seed, seed+1, ...)")] = None,
     overwrite: Overwrite = False,
     quiet: Quiet = False,

@@ -70,6 +70,11 @@ class SimulationConfig(_Section):
     volume: float = Field(1e9, gt=0, description="volume the unique cluster halos come from [h^-3 Mpc^3] (MDPL2: 1e9)")
     distance_min: float = Field(40.0, ge=0, description="smallest observer distance [h^-1 Mpc, comoving] (default: the survey's)")
     halo_log_m_min: float = Field(13.0, description="mass floor of the halos table (interloper truth) [log10 h^-1 Msun]")
+    mass_distribution: Literal["flat", "mass-function"] = Field(
+        "flat",
+        description="cluster masses: flat in log M (training, as the paper) or drawn from the Tinker08 "
+        "mass function, one sight line per halo (a survey-like sample, for checking --prior mass-function)",
+    )
 
     @property
     def n_total(self) -> int:

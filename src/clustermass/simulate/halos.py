@@ -231,6 +231,23 @@ def assign_splits(counts: np.ndarray, sim: SimulationConfig) -> np.ndarray:
     return np.array(["train", "test", "eval"])[out]
 
 
+def _flat_halo_sample(sim: SimulationConfig, rng: np.random.Generator) -> pd.DataFrame:
+    """Halo masses and sight-line counts, flat in log mass (:func:`cluster_sample`), by mass bin."""
+    edges = mass_edges(sim)
+    lm, _, cum = mass_function_table()
+    avail = (np.interp(edges[1:], lm, cum) - np.interp(edges[:-1], lm, cum)) * sim.volume
+    rows = []
+    for b, counts in enumerate(allocate_sightlines(avail, sim.n_total, sim.max_sightlines)):
+        if counts.size == 0:
+            continue
+        masses = sample_mass_in_range(
+            np.full(counts.size, edges[b]), np.full(counts.size, edges[b + 1]), rng
+        )
+        counts = counts[rng.permutation(counts.size)]
+        rows.append(pd.DataFrame({"log_m200c": masses, "n_sightlines": counts}))
+    return pd.concat(rows, ignore_index=True)
+
+
 def cluster_sample(sim: SimulationConfig, rng: np.random.Generator) -> pd.DataFrame:
     """Unique cluster halos with their number of sight lines and split.
 
@@ -242,24 +259,20 @@ def cluster_sample(sim: SimulationConfig, rng: np.random.Generator) -> pd.DataFr
     mass bin so every split has the same mass distribution; a halo's sight lines never straddle
     two splits, so split sizes match the preset only to within a few diagrams per bin.
 
+    With ``sim.mass_distribution == "mass-function"`` the ``sim.n_total`` halos are drawn from the
+    Tinker08 mass function over [log_m_min, log_m_max] instead, one sight line each: a
+    survey-like sample (the steep mass function), for checking ``--prior mass-function``.
+
     Returns
     -------
     DataFrame with ``halo_id, log_m200c, n_sightlines, split`` (one row per unique halo).
     """
     n_total = sim.n_total
-    edges = mass_edges(sim)
-    lm, _, cum = mass_function_table()
-    avail = (np.interp(edges[1:], lm, cum) - np.interp(edges[:-1], lm, cum)) * sim.volume
-    rows = []
-    for b, counts in enumerate(allocate_sightlines(avail, n_total, sim.max_sightlines)):
-        if counts.size == 0:
-            continue
-        masses = sample_mass_in_range(
-            np.full(counts.size, edges[b]), np.full(counts.size, edges[b + 1]), rng
-        )
-        counts = counts[rng.permutation(counts.size)]
-        rows.append(pd.DataFrame({"log_m200c": masses, "n_sightlines": counts}))
-    halos = pd.concat(rows, ignore_index=True)
+    if sim.mass_distribution == "mass-function":
+        masses = sample_mass_in_range(np.full(n_total, sim.log_m_min), np.full(n_total, sim.log_m_max), rng)
+        halos = pd.DataFrame({"log_m200c": np.sort(masses), "n_sightlines": np.ones(n_total, np.int64)})
+    else:
+        halos = _flat_halo_sample(sim, rng)
     halos["split"] = assign_splits(halos["n_sightlines"].to_numpy(), sim)
     halos = halos.iloc[rng.permutation(len(halos))].reset_index(drop=True)
     halos.insert(0, "halo_id", np.arange(len(halos), dtype=np.int64))
