@@ -7,10 +7,14 @@
 3. peak RSS of ``clustermass infer`` (each size in a fresh process, ``os.wait4``) on synthetic
    catalogues of N clusters with few galaxies each and a tiny 1D network; the growth beyond
    the batch size must be flat;
-4. on a GPU (when one is present): the paper-scale training time (``--gpu``).
+4. peak memory of reading a training catalogue's galaxies the way training does (read, content
+   hash, train/validation split, every training diagram's points), each size in a fresh
+   process, with the galaxies in memory vs memory-mapped (``training.galaxies_in_memory_max_gb``);
+5. on a GPU (when one is present): the paper-scale training time (``--gpu``).
 
     python benchmarks/scale.py --quick      # ~5 min on 2 cores: infer at 1e4, 1e5, 3e5 (batches of 1e4)
     python benchmarks/scale.py --sizes 10000 100000 1000000
+    python benchmarks/scale.py --parts train_rss --quick   # training galaxies at 2e5, 2e6 (and 2e7 without --quick)
 Prints a table and writes benchmarks/results/scale.json.
 """
 
@@ -38,7 +42,8 @@ HERE = Path(__file__).resolve().parent
 
 
 # ---------------------------------------------------------------- helpers
-def synthetic_catalogue(directory: Path, n: int, n_gal: int = 6, chunk: int = 10_000, seed: int = 0) -> Path:
+def synthetic_catalogue(directory: Path, n: int, n_gal: int = 6, chunk: int = 10_000, seed: int = 0,
+                        split: str = "none") -> Path:
     """N clusters with ``n_gal`` Gaussian galaxies each, written chunk by chunk (never all in memory).
 
     Each chunk is one parquet row group (as ``simulate`` writes its chunks), so every size has
@@ -53,7 +58,7 @@ def synthetic_catalogue(directory: Path, n: int, n_gal: int = 6, chunk: int = 10
             ids = np.arange(start, start + m, dtype=np.int64)
             logm = rng.uniform(13.7, 15.2, m)
             sig = 600.0 * 10 ** ((logm - 14.5) / 3)
-            cl = pd.DataFrame({"diagram_id": ids, "halo_id": ids, "split": "none", "log_m200c": logm,
+            cl = pd.DataFrame({"diagram_id": ids, "halo_id": ids, "split": split, "log_m200c": logm,
                                "r200c": 1.0, "v200c": sig, "redshift": 0.05,
                                "n_gal": np.full(m, n_gal, np.int64), "n_mem": np.full(m, n_gal, np.int64)})
             g = m * n_gal
@@ -80,16 +85,33 @@ def tiny_bundle(path: Path, kind: str = "cnn1d", n_grid: int = 16, seed: int = 0
     return untrained_calibrated_bundle(path, read_catalogue(cal), kind=kind, n_grid=n_grid, seed=seed)
 
 
-def run_measured(cmd: list[str]) -> tuple[float, float, int]:
-    """(wall seconds, peak RSS [MB] of that process alone, return code)."""
+def run_measured(cmd: list[str]) -> tuple[float, float, int, float]:
+    """(wall seconds, peak RSS [MB] of that process alone, return code, peak anonymous RSS [MB]).
+
+    Peak RSS (``wait4``'s ru_maxrss) counts the resident pages of memory-mapped files too, which
+    the kernel drops under memory pressure; the peak anonymous RSS (``RssAnon`` of
+    ``/proc/PID/status``, sampled every 2 ms from this process) is the memory that cannot be
+    dropped. A sampled peak can miss a spike shorter than the interval.
+    """
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
+    anon = 0.0
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            break
+        try:
+            with open(f"/proc/{proc.pid}/status") as f:
+                kb = next((int(line.split()[1]) for line in f if line.startswith("RssAnon:")), 0)
+            anon = max(anon, kb / 1024.0)
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.002)
     proc.returncode = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         sys.stderr.write(proc.stderr.read().decode()[-2000:])
-    return wall, usage.ru_maxrss / 1024.0, proc.returncode
+    return wall, usage.ru_maxrss / 1024.0, proc.returncode, anon
 
 
 def cli(*args) -> list[str]:
@@ -189,13 +211,41 @@ def bench_infer_rss(tmp: Path, sizes: list[int], batch_size: int) -> list[dict]:
         t0 = time.perf_counter()
         cat = synthetic_catalogue(tmp / f"cat_{n}", n)
         t_make = time.perf_counter() - t0
-        wall, rss, rc = run_measured(cli("infer", "--model", model, "--data", cat, "--out", tmp / f"inf_{n}",
+        wall, rss, rc, _ = run_measured(cli("infer", "--model", model, "--data", cat, "--out", tmp / f"inf_{n}",
                                          "--batch-size", batch_size, "-q", "--overwrite"))
         n_out = len(pd.read_parquet(tmp / f"inf_{n}" / "posteriors.parquet", columns=["diagram_id"])) if rc == 0 else 0
         rows.append({"n_clusters": n, "peak_rss_mb": rss, "infer_s": wall, "clusters_per_s": n / wall,
                      "catalogue_write_s": t_make, "ok": rc == 0 and n_out == n})
         shutil.rmtree(tmp / f"cat_{n}", ignore_errors=True)
         shutil.rmtree(tmp / f"inf_{n}", ignore_errors=True)
+    return rows
+
+
+def train_inputs_child(directory: str, limit: str) -> None:
+    """The galaxy side of building training inputs, as ``train`` does it: read the catalogue
+    (galaxies memory-mapped beyond ``limit`` GB, ``none``: in memory), its content hash, the
+    train/validation split and every training diagram's points (as
+    :class:`~clustermass.datasets.PhaseSpaceDataset` reads them to build the grids)."""
+    from clustermass.catalog import read_catalogue, train_validation_split
+
+    cat = read_catalogue(directory, galaxies_max_gb=None if limit == "none" else float(limit))
+    cat.data_hash()
+    train, val, _ = train_validation_split(cat, 0.1, 0)
+    n = sum(len(cat.points(int(r))) for r in np.concatenate([train, val]))
+    assert n == len(cat.galaxies), (n, len(cat.galaxies))
+
+
+def bench_train_rss(tmp: Path, galaxy_counts: list[int], n_gal: int = 200) -> list[dict]:
+    rows = []
+    child = "import sys; sys.path.insert(0, {here!r}); from scale import train_inputs_child; train_inputs_child(*sys.argv[1:])"
+    for g in galaxy_counts:
+        cat = synthetic_catalogue(tmp / f"train_cat_{g}", g // n_gal, n_gal=n_gal, chunk=10_000, split="train")
+        size_mb = (cat / "galaxies.parquet").stat().st_size / 1e6
+        for mode, limit in (("memory", "none"), ("memmap", "0"), ("memmap, store reused", "0")):
+            wall, rss, rc, anon = run_measured([sys.executable, "-c", child.format(here=str(HERE)), str(cat), limit])
+            rows.append({"n_galaxies": g, "n_clusters": g // n_gal, "galaxies_parquet_mb": size_mb, "mode": mode,
+                         "peak_rss_mb": rss, "peak_anon_mb": anon, "wall_s": wall, "ok": rc == 0})
+        shutil.rmtree(cat, ignore_errors=True)
     return rows
 
 
@@ -229,11 +279,15 @@ def main() -> None:
     ap.add_argument("--ddp-epochs", type=int, default=3)
     ap.add_argument("--gpu", action="store_true", help="also time paper-scale training on a GPU")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "scale.json")
-    ap.add_argument("--parts", nargs="+", choices=["simulate", "ddp", "rss"], default=["simulate", "ddp", "rss"],
+    ap.add_argument("--galaxies", type=int, nargs="+", default=[200_000, 2_000_000, 20_000_000],
+                    help="galaxies (200 per cluster) for the training-input memory measurement")
+    ap.add_argument("--parts", nargs="+", choices=["simulate", "ddp", "rss", "train_rss"],
+                    default=["simulate", "ddp", "rss", "train_rss"],
                     help="which measurements to run (default: all)")
     args = ap.parse_args()
     if args.quick:
         args.sizes, args.batch_size = [10_000, 100_000, 300_000], 10_000
+        args.galaxies = [200_000, 2_000_000]
     warnings.simplefilter("ignore")
     tmp = Path(tempfile.mkdtemp(prefix="clustermass-scale-"))
     t_all = time.perf_counter()
@@ -241,6 +295,7 @@ def main() -> None:
         sim = bench_simulate(tmp, args.sim_diagrams, workers=2) if "simulate" in args.parts else None
         ddp = bench_ddp(tmp, args.ddp_epochs) if "ddp" in args.parts else None
         rss = bench_infer_rss(tmp, args.sizes, args.batch_size) if "rss" in args.parts else []
+        train_rss = bench_train_rss(tmp, args.galaxies) if "train_rss" in args.parts else []
         gpu = bench_gpu(tmp) if args.gpu else {"status": "pending: no GPU lent to this run"}
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -248,6 +303,7 @@ def main() -> None:
               "simulate": sim, "ddp_cpu_gloo": ddp,
               "infer_peak_rss": {"batch_size": args.batch_size, "galaxies_per_cluster": 6, "model": "cnn1d, n_grid 16",
                                  "rows": rss},
+              "train_inputs_peak_memory": {"galaxies_per_cluster": 200, "rows": train_rss},
               "gpu": gpu, "total_s": time.perf_counter() - t_all, "cpu_count": os.cpu_count(),
               "python": platform.python_version()}
     write_json_atomic(args.out, result)
@@ -261,10 +317,16 @@ def main() -> None:
     if ddp:
         print(f"DDP 2 CPU processes (gloo) vs 1: total {ddp['ratio_total']:.2f}x time, epochs "
               f"{ddp['ratio_epochs']:.2f}x; max relative loss difference {ddp['max_rel_loss_difference']:.1e}")
-    print(f"{'clusters':>10} {'peak RSS [MB]':>14} {'infer [s]':>10} {'clusters/s':>11}")
+    if rss:
+        print(f"{'clusters':>10} {'peak RSS [MB]':>14} {'infer [s]':>10} {'clusters/s':>11}")
     for r in rss:
         print(f"{r['n_clusters']:>10} {r['peak_rss_mb']:>14.0f} {r['infer_s']:>10.1f} {r['clusters_per_s']:>11.0f}"
               + ("" if r["ok"] else "  FAILED"))
+    if train_rss:
+        print(f"{'galaxies':>10} {'mode':>22} {'peak RSS [MB]':>14} {'peak anon [MB]':>15} {'wall [s]':>9}")
+    for r in train_rss:
+        print(f"{r['n_galaxies']:>10} {r['mode']:>22} {r['peak_rss_mb']:>14.0f} {r['peak_anon_mb']:>15.0f} "
+              f"{r['wall_s']:>9.1f}" + ("" if r["ok"] else "  FAILED"))
     print(f"GPU: {json.dumps(gpu)}")
     print(f"wrote {args.out} ({result['total_s']:.0f} s)")
 

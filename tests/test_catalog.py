@@ -79,3 +79,85 @@ def test_interrupted_chunked_write_leaves_no_catalogue(tmp_path, unsorted_catalo
     with pytest.raises(KeyboardInterrupt):
         write_catalogue_chunks(chunks(), tmp_path / "cat")
     assert not list((tmp_path / "cat").iterdir())  # no table, no temporary file
+
+
+def _mapped(a) -> bool:
+    """Whether array ``a`` views a memory-mapped file."""
+    import mmap
+
+    while isinstance(a, np.ndarray):
+        if isinstance(a, np.memmap):
+            return True
+        a = a.base
+    return isinstance(a, mmap.mmap)
+
+
+def _store_files(directory):
+    return {p.name: p.stat().st_mtime_ns for p in (directory / ".galaxy-store").iterdir()}
+
+
+def test_memory_mapped_galaxies_equal_the_in_memory_table(tmp_path, gaussian_catalogue, monkeypatch):
+    """galaxies_max_gb exceeded: the galaxies come from a memory-mapped store with the same values,
+    offsets and content hash (also when hashed in small chunks); the store is reused while the
+    parquet file is unchanged and rebuilt when it changes."""
+    import clustermass.catalog as catalog
+
+    write_catalogue(gaussian_catalogue(30, 1), tmp_path / "cat")
+    mem = read_catalogue(tmp_path / "cat")
+    mapped = read_catalogue(tmp_path / "cat", galaxies_max_gb=0.0)
+    assert _mapped(mapped.galaxies["x_proj"].to_numpy()) and _mapped(mapped._galaxy_array("v_los"))
+    assert not _mapped(mem.galaxies["x_proj"].to_numpy())
+    pd.testing.assert_frame_equal(mapped.galaxies, mem.galaxies)
+    np.testing.assert_array_equal(mapped.offsets, mem.offsets)
+    for row in range(len(mem)):
+        np.testing.assert_array_equal(mapped.points(row), mem.points(row))
+    assert mapped.data_hash() == mem.data_hash()
+    import hashlib
+
+    whole = hashlib.sha256()  # the hash of earlier versions: each table hashed whole
+    for df in (mem.clusters, mem.galaxies):
+        whole.update(pd.util.hash_pandas_object(df, index=False).to_numpy().tobytes())
+    monkeypatch.setattr(catalog, "CHUNK_ROWS", 7)
+    assert read_catalogue(tmp_path / "cat", galaxies_max_gb=0.0).data_hash() == whole.hexdigest()[:16]
+    monkeypatch.undo()
+    before = _store_files(tmp_path / "cat")
+    read_catalogue(tmp_path / "cat", galaxies_max_gb=0.0)
+    assert _store_files(tmp_path / "cat") == before  # reused
+    assert not _mapped(read_catalogue(tmp_path / "cat", galaxies_max_gb=1.0).galaxies["x_proj"].to_numpy())
+    write_catalogue(gaussian_catalogue(30, 2), tmp_path / "cat")  # new content: rebuilt
+    again = read_catalogue(tmp_path / "cat", galaxies_max_gb=0.0)
+    pd.testing.assert_frame_equal(again.galaxies, read_catalogue(tmp_path / "cat").galaxies)
+    assert again.data_hash() != mem.data_hash()
+
+
+def test_memory_mapped_galaxies_are_validated_with_the_same_errors(tmp_path, gaussian_catalogue, monkeypatch):
+    """NaN values and unknown diagram ids: the same message in memory, memory-mapped, and checked
+    in chunks of 3 rows; an unsorted galaxies table is not stored but read whole (and sorted)."""
+    import clustermass.catalog as catalog
+    from clustermass.catalog import galaxy_store, write_parquet
+
+    cat = gaussian_catalogue(8, 1)
+    gal = cat.galaxies.copy()
+    gal.loc[[3, 40, 41, 42, 90, 91, 150], "v_los"] = np.nan
+    gal.loc[[5, 60], "diagram_id"] = 999
+    gal = gal.sort_values("diagram_id", kind="stable")
+    for name, g in (("nan", gal.assign(diagram_id=cat.galaxies["diagram_id"])), ("ids", gal)):
+        d = tmp_path / name
+        write_catalogue(cat, d)
+        write_parquet(g, d / "galaxies.parquet")
+        messages = []
+        for chunk in (catalog.CHUNK_ROWS, 3):
+            monkeypatch.setattr(catalog, "CHUNK_ROWS", chunk)
+            for limit in (None, 0.0):
+                with pytest.raises(CatalogueError) as err:
+                    read_catalogue(d, galaxies_max_gb=limit)
+                messages.append(str(err.value))
+        assert len(set(messages)) == 1, messages
+        assert ("NaN" if name == "nan" else "999") in messages[0]
+    d = tmp_path / "unsorted"
+    write_catalogue(cat, d)
+    write_parquet(cat.galaxies.iloc[::-1], d / "galaxies.parquet")
+    assert galaxy_store(d / "galaxies.parquet") is None
+    back = read_catalogue(d, galaxies_max_gb=0.0)
+    assert back.galaxies["diagram_id"].is_monotonic_increasing
+    assert back.data_hash() == read_catalogue(d).data_hash()

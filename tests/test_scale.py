@@ -254,3 +254,27 @@ def test_ddp_on_the_gpus_trains_tiny(tmp_path):
         "--devices", n, "--precision", "bf16-mixed", "-q", timeout=300)
     meta = load_model(tmp_path / "m").meta["training"]
     assert meta["device"] == "cuda" and meta["devices"] == n and meta["precision"] == "bf16-mixed"
+
+
+@pytest.mark.parametrize("kind", ["cnn3d", "set"])
+def test_training_from_memory_mapped_galaxies_equals_in_memory(tmp_path, learnable_catalogue, kind):
+    """A galaxies table beyond training.galaxies_in_memory_max_gb is memory-mapped: the same
+    data hash, losses and weights as training on the table read into memory."""
+    from clustermass.catalog import read_catalogue, write_catalogue
+    from clustermass.config import TrainingConfig, load_config
+    from clustermass.training import train_model
+
+    write_catalogue(learnable_catalogue(n_halos=20, sightlines=2, n_test_halos=2), tmp_path / "cat")
+    tr = TrainingConfig(max_epochs=2, batch_size=16, lr=1e-3, model=kind)
+    kde = TRAIN_KDE if kind != "set" else load_config("tiny").kde
+    meta, losses = {}, {}
+    for name, limit in (("memory", None), ("mapped", 0.0)):
+        cat = read_catalogue(tmp_path / "cat", galaxies_max_gb=limit)
+        b = train_model(cat, kind, WindowConfig(), kde, tr, 0, tmp_path / name, progress=False)
+        meta[name] = b.meta
+        losses[name] = [(r["train_loss"], r["val_loss"]) for r in b.meta["training"]["history"]]
+    assert (tmp_path / "cat" / ".galaxy-store" / "store.json").is_file()
+    assert meta["mapped"]["fingerprint"] == meta["memory"]["fingerprint"]  # data_hash included
+    assert losses["mapped"] == losses["memory"] and len(losses["memory"]) == 2
+    a, b = ((tmp_path / n / "weights.safetensors").read_bytes() for n in ("memory", "mapped"))
+    assert a == b

@@ -119,15 +119,16 @@ class Catalogue:
         ids = self.clusters["diagram_id"].to_numpy()
         if len(np.unique(ids)) != len(ids):
             raise CatalogueError("clusters table has duplicated diagram_id values")
-        unknown = ~np.isin(self.galaxies["diagram_id"].to_numpy(), ids)
-        if unknown.any():
-            bad = self.galaxies["diagram_id"].to_numpy()[unknown][:5]
-            raise CatalogueError(f"galaxies refer to diagram_id(s) not in clusters: {bad.tolist()}")
+        # galaxy checks run chunk by chunk: a memory-mapped table is never copied whole
+        gid = self.galaxies["diagram_id"].to_numpy()
+        bad = _first_rows(len(gid), lambda sl: ~np.isin(gid[sl], ids))
+        if len(bad):
+            raise CatalogueError(f"galaxies refer to diagram_id(s) not in clusters: {gid[bad].tolist()}")
         for col in ("x_proj", "y_proj", "v_los"):
             vals = self.galaxies[col].to_numpy()
-            if not np.isfinite(vals).all():
-                bad = self.galaxies["diagram_id"].to_numpy()[~np.isfinite(vals)][:5]
-                raise CatalogueError(f"galaxies column {col!r} has NaN/inf values (diagram_id {bad.tolist()})")
+            bad = _first_rows(len(vals), lambda sl, vals=vals: ~np.isfinite(vals[sl]))
+            if len(bad):
+                raise CatalogueError(f"galaxies column {col!r} has NaN/inf values (diagram_id {gid[bad].tolist()})")
         for col in ("n_gal", "n_mem"):
             vals = self.clusters[col].to_numpy()
             low = -1 if col == "n_mem" else 0
@@ -181,15 +182,34 @@ class Catalogue:
         """Short content hash of the clusters and galaxies (recorded in model bundles).
 
         Computed once, like :attr:`offsets`: a catalogue is not modified after construction.
+        The row hashes are computed :data:`CHUNK_ROWS` rows at a time (the same bytes as for the
+        whole table: ``hash_pandas_object`` hashes each row on its own).
         """
         if "_hash" not in self.__dict__:
             import hashlib
 
             h = hashlib.sha256()
             for df in (self.clusters, self.galaxies):
-                h.update(pd.util.hash_pandas_object(df, index=False).to_numpy().tobytes())
+                for a in range(0, len(df), CHUNK_ROWS):
+                    h.update(pd.util.hash_pandas_object(df.iloc[a : a + CHUNK_ROWS], index=False).to_numpy().tobytes())
             self._hash = h.hexdigest()[:16]
         return self._hash
+
+
+#: rows per chunk of the galaxy checks and hashes (bounds their temporary memory)
+CHUNK_ROWS = 1 << 20
+
+
+def _first_rows(n: int, is_bad, limit: int = 5) -> np.ndarray:
+    """The first (at most ``limit``) row indices below ``n`` flagged by ``is_bad(slice)``,
+    scanning :data:`CHUNK_ROWS` rows at a time."""
+    found: list[int] = []
+    for a in range(0, n, CHUNK_ROWS):
+        idx = np.flatnonzero(is_bad(slice(a, min(n, a + CHUNK_ROWS)))) + a
+        found.extend(idx[: limit - len(found)].tolist())
+        if len(found) >= limit:
+            break
+    return np.asarray(found, dtype=np.int64)
 
 
 # ---------------------------------------------------------------------- I/O
@@ -265,8 +285,13 @@ def write_catalogue_chunks(chunks, directory: str | Path, meta: dict | None = No
     return directory
 
 
-def read_catalogue(directory: str | Path) -> Catalogue:
-    """Read and validate a catalogue directory written by :func:`write_catalogue`."""
+def read_catalogue(directory: str | Path, galaxies_max_gb: float | None = None) -> Catalogue:
+    """Read and validate a catalogue directory written by :func:`write_catalogue`.
+
+    With ``galaxies_max_gb`` [GB], a galaxies table larger than that (uncompressed, from the
+    parquet metadata) is served from a memory-mapped store (:func:`galaxy_store`) instead of
+    being read into memory; the catalogue behaves the same (same values, same :meth:`~Catalogue.data_hash`).
+    """
     directory = Path(directory)
     if not directory.is_dir():
         raise CatalogueError(f"catalogue directory not found: {directory}")
@@ -277,7 +302,11 @@ def read_catalogue(directory: str | Path) -> Catalogue:
     try:
         cl_table = pq.read_table(paths["clusters"])
         clusters = cl_table.to_pandas()
-        galaxies = pq.read_table(paths["galaxies"]).to_pandas()
+        galaxies = None
+        if galaxies_max_gb is not None and _uncompressed_gb(paths["galaxies"]) > galaxies_max_gb:
+            galaxies = galaxy_store(paths["galaxies"])
+        if galaxies is None:
+            galaxies = pq.read_table(paths["galaxies"]).to_pandas()
         halos = pq.read_table(paths["halos"]).to_pandas() if paths["halos"].is_file() else None
     except Exception as exc:
         raise CatalogueError(f"cannot read catalogue in {directory}: {exc}") from exc
@@ -289,6 +318,97 @@ def read_catalogue(directory: str | Path) -> Catalogue:
     cat = Catalogue(clusters, galaxies, halos, meta)
     warn_implausible_units(cat.galaxies)
     return cat
+
+
+def _uncompressed_gb(path: Path) -> float:
+    """Uncompressed size [GB] of a parquet file's data, from its metadata."""
+    md = pq.ParquetFile(path).metadata
+    return sum(md.row_group(i).total_byte_size for i in range(md.num_row_groups)) / 1e9
+
+
+#: subdirectory of a catalogue holding its memory-mapped galaxy store
+GALAXY_STORE = ".galaxy-store"
+
+
+def galaxy_store(path: str | Path) -> pd.DataFrame | None:
+    """The galaxies table of ``path`` (``galaxies.parquet``) as a DataFrame of read-only
+    memory-mapped columns, or None when it cannot be stored that way.
+
+    The store (``.galaxy-store/`` next to ``path``: one ``.npy`` file per column and
+    ``store.json``) is written by streaming the parquet file 65 536 rows at a time (with
+    ``pre_buffer=False``, so Arrow keeps no read-ahead), each file moved into place atomically
+    and ``store.json`` last; it is reused while ``store.json`` records the SHA-256 of the
+    current parquet file. Only galaxies sorted by ``diagram_id`` with numeric or boolean columns
+    free of nulls are stored (the dtypes pandas gives the whole table); for any other table the
+    result is None and the caller reads it whole.
+    """
+    import hashlib
+
+    path = Path(path)
+    store = path.parent / GALAXY_STORE
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(1 << 24):
+            h.update(block)
+    digest = h.hexdigest()
+    manifest = store / "store.json"
+    try:
+        info = json.loads(manifest.read_text())
+    except (OSError, ValueError):
+        info = {}
+    if info.get("sha256") != digest:
+        info = _write_galaxy_store(path, store, digest)
+        if info is None:
+            return None
+    # plain ndarray views of the mapped files (not np.memmap: pandas then sees ordinary arrays)
+    cols = {c: np.asarray(np.load(store / f"{c}.npy", mmap_mode="r")) for c in info["columns"]}
+    return pd.DataFrame(cols, copy=False)
+
+
+class _NotStorable(Exception):
+    """The galaxies table cannot be memory-mapped column by column (read it whole)."""
+
+
+def _write_galaxy_store(path: Path, store: Path, digest: str) -> dict | None:
+    """Stream ``path`` into ``store`` (see :func:`galaxy_store`); its manifest, or None."""
+    from contextlib import ExitStack
+
+    pf = pq.ParquetFile(path, pre_buffer=False)
+    n = pf.metadata.num_rows
+    (store / "store.json").unlink(missing_ok=True)
+    dtypes: dict = {}
+    last = None
+    try:
+        # exits run in reverse: the files close, then move into place (or, on an exception, go)
+        with ExitStack() as stack:
+            files: dict = {}
+            for rb in pf.iter_batches(batch_size=1 << 16):
+                df = rb.to_pandas()
+                if not files:
+                    dtypes = {c: df[c].dtype for c in df.columns}
+                    if "diagram_id" not in dtypes or not all(
+                            isinstance(d, np.dtype) and d.kind in "biuf" for d in dtypes.values()):
+                        raise _NotStorable
+                    for c, d in dtypes.items():
+                        f = stack.enter_context(stack.enter_context(atomic_path(store / f"{c}.npy")).open("wb"))
+                        np.lib.format.write_array_header_2_0(
+                            f, {"descr": np.lib.format.dtype_to_descr(d), "fortran_order": False, "shape": (n,)})
+                        files[c] = f
+                if {c: df[c].dtype for c in df.columns} != dtypes:  # e.g. nulls in an integer column
+                    raise _NotStorable
+                ids = df["diagram_id"].to_numpy()
+                if len(ids) and ((np.diff(ids) < 0).any() or (last is not None and ids[0] < last)):
+                    raise _NotStorable  # unsorted: read whole (and sorted) by the caller
+                last = ids[-1] if len(ids) else last
+                for c, f in files.items():
+                    f.write(np.ascontiguousarray(df[c].to_numpy()).tobytes())
+            if not files:
+                raise _NotStorable
+    except _NotStorable:
+        return None
+    info = {"sha256": digest, "columns": list(dtypes), "n_rows": n}
+    write_json_atomic(store / "store.json", info)
+    return info
 
 
 def check_declared_units(declared: dict, what: str) -> None:
@@ -317,8 +437,12 @@ def warn_implausible_units(galaxies: pd.DataFrame) -> None:
 
     for col, (limit, unit, wrong) in _PLAUSIBLE.items():
         vals = galaxies[col].to_numpy(dtype=float)
-        if len(vals) and np.median(np.abs(vals)) > limit:
-            warnings.warn(f"galaxies column {col!r} has median |value| {np.median(np.abs(vals)):.3g}, "
+        # the median exceeds the limit only if at least half of the values do: count them chunk by
+        # chunk, and take the median (a copy of the column) only then
+        above = sum(int(np.count_nonzero(np.abs(vals[a : a + CHUNK_ROWS]) > limit))
+                    for a in range(0, len(vals), CHUNK_ROWS))
+        if len(vals) and 2 * above >= len(vals) and (med := np.median(np.abs(vals))) > limit:
+            warnings.warn(f"galaxies column {col!r} has median |value| {med:.3g}, "
                           f"implausible in {unit} (is it in {wrong}?)", UnitWarning, stacklevel=3)
 
 

@@ -138,7 +138,7 @@ def train(
     cfg = _config(preset, config, set_, seed, training__model=model, training__max_epochs=epochs,
                   training__devices=devices, training__num_nodes=num_nodes, training__strategy=strategy,
                   training__precision=precision)
-    cat = read_catalogue(data)
+    cat = read_catalogue(data, galaxies_max_gb=cfg.training.galaxies_in_memory_max_gb)
     bundle = train_stage(cfg, cat, cfg.training.model, out, progress=not quiet, overwrite=overwrite)
     if bundle is None:  # a DDP rank > 0: rank 0 writes the bundle and reports
         return

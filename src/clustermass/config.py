@@ -126,6 +126,9 @@ class TrainingConfig(_Section):
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes")
     cache_inputs: bool = Field(True, description="build the KDE grids once and keep them in memory (not with augment)")
     cache_max_gb: float = Field(12.0, ge=0, description="largest in-memory grid cache [GB] (paper: 8.5); beyond it grids are rebuilt each epoch")
+    galaxies_in_memory_max_gb: float = Field(
+        4.0, ge=0, description="largest galaxies table [GB, uncompressed] that train/run read into memory; "
+        "a larger one is served from a memory-mapped store in the catalogue directory (.galaxy-store/)")
     precision: Literal["auto", "32-true", "16-mixed", "bf16-mixed"] = Field(
         "auto", description="auto: bf16/16-mixed on a GPU, 32-bit on CPU")
     devices: int = Field(1, ge=1, description="devices (GPUs, or CPU processes) per node; batches are "

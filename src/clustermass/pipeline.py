@@ -44,7 +44,8 @@ def simulate_stage(cfg: RunConfig, out: Path, progress: bool = True, overwrite: 
     """Simulate the mock catalogue into ``out`` (reused when it exists with the same config and seed).
 
     A catalogue made with other settings or another seed (trained bundles refer to it by hash)
-    is only replaced with ``overwrite``. The catalogue streams to disk chunk by chunk, then is read back.
+    is only replaced with ``overwrite``. The catalogue streams to disk chunk by chunk, then is read back
+    (its galaxies memory-mapped beyond ``cfg.training.galaxies_in_memory_max_gb``, :func:`read_catalogue`).
     ``scheduler`` (``processes:N`` or a Dask scheduler address) runs the chunks as Dask tasks;
     the files are the same bytes either way. ``engine="pm"`` makes the PM mock family instead
     (:mod:`clustermass.simulate.pmmock`, settings ``cfg.pm``; needs the ``nbody`` extra).
@@ -54,6 +55,7 @@ def simulate_stage(cfg: RunConfig, out: Path, progress: bool = True, overwrite: 
     from .simulate import MODEL_VERSION, simulate_to_directory
 
     out = Path(out)
+    galaxies_max_gb = cfg.training.galaxies_in_memory_max_gb  # a larger galaxies table is memory-mapped
     if engine not in ("analytic", "pm"):
         raise ConfigError(f"unknown simulation engine {engine!r}; choose analytic or pm")
     if engine == "pm":
@@ -65,7 +67,7 @@ def simulate_stage(cfg: RunConfig, out: Path, progress: bool = True, overwrite: 
     existing = _existing_catalogue_key(out)
     if existing == key:
         _log(f"reusing catalogue in {out}", progress)
-        return read_catalogue(out)
+        return read_catalogue(out, galaxies_max_gb)
     guard_output(out, existing, key, overwrite, "a catalogue")
     if engine == "pm":
         from .catalog import write_catalogue
@@ -76,10 +78,10 @@ def simulate_stage(cfg: RunConfig, out: Path, progress: bool = True, overwrite: 
         cat = simulate_pm_catalogue(cfg.pm, cfg.simulation, cfg.window, cfg.seed, progress=progress)
         cat.meta["config_key"] = key
         write_catalogue(cat, out)
-        return read_catalogue(out)
+        return read_catalogue(out, galaxies_max_gb)
     simulate_to_directory(cfg.simulation, cfg.window, cfg.seed, out, meta={"config_key": key},
                           progress=progress, scheduler=scheduler)
-    return read_catalogue(out)
+    return read_catalogue(out, galaxies_max_gb)
 
 
 def train_stage(cfg: RunConfig, cat: Catalogue, kind: str, out: Path, progress: bool = True,

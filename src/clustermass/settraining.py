@@ -163,8 +163,8 @@ def _loader(tensors, batch_size: int, seed: int, shuffle: bool):
 
 def _fingerprint(arch: dict, window: WindowConfig, training: TrainingConfig, seed: int, data_hash: str) -> dict:
     tr = training.model_dump(mode="json")
-    for k in ("max_epochs", "patience", "num_workers", "cache_max_gb", "cache_inputs", "devices", "num_nodes",
-              "strategy", "augment"):
+    for k in ("max_epochs", "patience", "num_workers", "cache_max_gb", "galaxies_in_memory_max_gb", "cache_inputs",
+              "devices", "num_nodes", "strategy", "augment"):
         tr.pop(k, None)
     return {"kind": KIND, "arch": arch, "window": window.model_dump(mode="json"), "training": tr,
             "seed": int(seed), "data_hash": data_hash}

@@ -372,7 +372,8 @@ def _launch_rank(training: TrainingConfig) -> int:
 def _run_fingerprint(kind, arch, window, kde, training, seed, data_hash) -> dict:
     tr = training.model_dump(mode="json")
     # how many devices train does not change the result (up to reduction order): resumable anywhere
-    for k in ("max_epochs", "patience", "num_workers", "cache_max_gb", "devices", "num_nodes", "strategy"):
+    for k in ("max_epochs", "patience", "num_workers", "cache_max_gb", "galaxies_in_memory_max_gb", "devices",
+              "num_nodes", "strategy"):
         tr.pop(k, None)
     return {"kind": kind, "arch": arch, "window": window.model_dump(mode="json"),
             "kde": kde.model_dump(mode="json"), "training": tr, "seed": int(seed), "data_hash": data_hash}
