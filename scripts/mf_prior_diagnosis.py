@@ -1,4 +1,4 @@
-"""Why `--prior mass-function` leaves a bias above 10^14.3 on the mock sky: a controlled check.
+"""Why `--prior mass-function` leaves a bias above 10^14.3: the mechanism, with a Gaussian stand-in.
 
 A calibration is fitted on flat-prior pairs whose predictions scatter by ``--calib-scatter`` dex
 about the true mass (conditioned on d_pred alone, prior edges 13.7-15.2, z = 0.05). It is applied
@@ -8,8 +8,8 @@ bins of the posterior median, with the flat and the mass-function prior, as
 ``scripts/mock_sky_check.py --priors`` reports it on the mock sky.
 
 With matched scatter the mass-function prior is unbiased in every bin; with the likelihood
-wider than calibrated (over-confident posteriors, as on the mock sky: normalised contrast std
-1.56, docs/real-data.md) a bias remains that grows with mass, because the missing shrinkage,
+wider than calibrated (over-confident posteriors, as on mass-function mocks from the training
+simulator and on the mock sky, docs/calibration.md "Priors") a bias remains that grows with mass, because the missing shrinkage,
 ~ -(d ln n / d log M) (sigma_true^2 - sigma_post^2), grows as the mass function steepens.
 
     python scripts/mf_prior_diagnosis.py [--calib-scatter 0.12] [--true-scatter 0.12 0.15 0.19]

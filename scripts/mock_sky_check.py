@@ -23,6 +23,7 @@ import numpy as np
 from clustermass import load_model
 from clustermass._io import save_figure, write_json_atomic
 from clustermass.config import load_config
+from clustermass.diagnostics import bias_by_estimate_bin
 from clustermass.inference import compare_with_published, infer_sky
 from clustermass.massfunction import mass_function_from_posteriors, smoothed_theory
 from clustermass.plots.sky import plot_contrast_histogram, plot_mass_comparison, plot_mass_function
@@ -84,26 +85,20 @@ def main() -> None:
         save_figure(plot_mass_function(mf, log_m_min=14.1), args.figures / "mass_function.png")
 
 
-def prior_comparison(bundle, gal, clusters, edges=(13.7, 13.9, 14.1, 14.3, 14.5, 14.8, 15.2)) -> dict:
+def prior_comparison(bundle, gal, clusters) -> dict:
     """Mean (posterior median - true) [dex] in bins of the posterior median, for both priors."""
-    out = {"edges": list(edges)}
     print("| bin of posterior median | n | flat: mean(median - true) | mass-function: mean(median - true) |")
     print("|---|---|---|---|")
-    rows = {}
+    tabs = {}
     for prior in ("flat", "mass-function"):
         post = infer_sky(bundle, gal, clusters, mag_col="mag_r", prior=prior)
         post = post.merge(clusters[["id", "log_m200c_true"]], on="id", how="left")
-        med, truth = post["log_m_median"].to_numpy(float), post["log_m200c_true"].to_numpy(float)
-        ok = np.isfinite(med)
-        idx = np.digitize(med[ok], edges) - 1
-        d = med[ok] - truth[ok]
-        rows[prior] = [(int((idx == i).sum()), float(d[idx == i].mean()) if (idx == i).any() else float("nan"))
-                       for i in range(len(edges) - 1)]
-        out[prior] = {"n": [r[0] for r in rows[prior]], "mean_median_minus_true": [r[1] for r in rows[prior]]}
-    for i in range(len(edges) - 1):
-        print(f"| {edges[i]:.1f}-{edges[i + 1]:.1f} | {rows['flat'][i][0]} / {rows['mass-function'][i][0]} "
-              f"| {rows['flat'][i][1]:+.3f} | {rows['mass-function'][i][1]:+.3f} |")
-    return out
+        tabs[prior] = bias_by_estimate_bin(post["log_m_median"], post["log_m200c_true"])
+    f, m = tabs["flat"], tabs["mass-function"]
+    for i in range(len(f)):
+        print(f"| {f.lo[i]:.1f}-{f.hi[i]:.1f} | {f.n[i]} / {m.n[i]} | {f.bias[i]:+.3f} | {m.bias[i]:+.3f} |")
+    return {"edges": [*f.lo, f.hi.iloc[-1]],
+            **{p: {"n": t.n.tolist(), "mean_median_minus_true": t.bias.tolist()} for p, t in tabs.items()}}
 
 
 if __name__ == "__main__":

@@ -309,3 +309,20 @@ def test_streamed_catalogue_equals_in_memory(tmp_path):
     pd.testing.assert_frame_equal(disk.galaxies, mem.galaxies)
     pd.testing.assert_frame_equal(disk.halos, mem.halos)
     assert disk.meta["seed"] == 5 and not list((tmp_path / "cat").glob(".*.tmp"))
+
+
+def test_mass_function_sample_follows_tinker08():
+    """simulation.mass_distribution=mass-function: one sight line per halo, masses ~ Tinker08."""
+    from scipy import stats
+
+    sim = SimulationConfig(n_train=2000, n_test=1000, n_eval=1000, mass_distribution="mass-function")
+    halos = hal.cluster_sample(sim, np.random.default_rng(3))
+    assert (halos["n_sightlines"] == 1).all() and len(halos) == sim.n_total
+    assert (halos["split"].value_counts()[["train", "test", "eval"]].to_numpy() == [2000, 1000, 1000]).all()
+    lm, _, cum = hal.mass_function_table()
+    c0, c1 = np.interp([sim.log_m_min, sim.log_m_max], lm, cum)
+    cdf = lambda x: (np.interp(x, lm, cum) - c0) / (c1 - c0)  # noqa: E731
+    assert stats.kstest(halos["log_m200c"], cdf).pvalue > 0.01
+    flat = hal.cluster_sample(sim.model_copy(update={"mass_distribution": "flat"}), np.random.default_rng(3))
+    assert stats.kstest(flat["log_m200c"], cdf).pvalue < 1e-6  # the default sample is not the mass function
+    assert np.median(halos["log_m200c"]) < 14.0 < np.median(flat["log_m200c"])
