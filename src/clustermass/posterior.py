@@ -52,10 +52,13 @@ Exactness and speed
   orthonormal basis of r rows (SVD of the rows on a fine u grid, r the smallest rank whose
   largest residual on the pairs' own rows is < 1e-9: ``lowrank_rank_``, ``lowrank_error_``), so
   a group's tables are ``(w @ P) @ V``: two matrix products, N r instead of N G work per
-  posterior. The prior-edge normalisation and the truncated mean use the quintic Hermite
-  interpolant of the untruncated CDF and partial mean at the edges (< 3e-8); where less than
-  1e-3 of the untruncated mass lies inside the prior range (far outside the calibration,
-  flagged) the tables are computed directly. The pairs' kernel weight ``n_eff`` (the
+  posterior. These sums (one product for the exponents, exp, the product with P) and the
+  product with V run in torch, float64, on ``torch.get_num_threads()`` threads (imported on
+  first use; its exp is vectorised and multi-threaded, numpy's is not). The prior-edge
+  normalisation and the truncated mean use the quintic Hermite interpolant of the untruncated
+  CDF and partial mean at the edges (< 3e-8); where less than 1e-3 of the untruncated mass lies
+  inside the prior range (far outside the calibration, flagged) the tables are computed
+  directly (one pass for all such rows of a summary). The pairs' kernel weight ``n_eff`` (the
   out-of-range flag) comes from the same products; values below ``min_neighbours`` are
   recomputed without the cut, so the flags are those of the direct sum. ``method="direct"``
   evaluates every component on the grid (the reference; tests/test_posterior.py holds the two
@@ -699,7 +702,7 @@ class JointKDEPosterior:
         }
         return self._fast
 
-    def _fast_tables(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _fast_tables(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Mixture tables (as :meth:`_direct_tables`) and a lower bound of ``n_eff`` at each x.
 
         Exact up to the weight cut (components below ``weight_cut`` times the largest weight
@@ -707,9 +710,12 @@ class JointKDEPosterior:
         (``lowrank_error_`` in the CDF) and the quintic Hermite evaluation of the untruncated
         CDF and partial mean at the prior edges (< 3e-8); where less than ``_THIN_MASS`` of the
         untruncated mixture lies inside the prior range (far outside the calibration), those
-        absolute errors would grow relative to it, and the tables are computed directly. Queries are grouped by a kd split of
-        their whitened coordinates; each group takes the pairs within its bounding ball plus
-        the largest cut radius of its members, then two matrix products give its tables."""
+        absolute errors would grow relative to it: their rows (``thin``, indices) are left NaN
+        for the caller to compute directly. Queries are grouped by a kd split of their whitened
+        coordinates; each group takes the pairs within its bounding ball plus the largest cut
+        radius of its members, then two matrix products (torch, float64) give its tables.
+
+        Returns (tables (n, 4 G + 1), n_eff (n,), thin)."""
         import torch  # lazily: the kernel sums run in torch (vectorised, multi-threaded exp)
 
         fs = self._fast_setup()
