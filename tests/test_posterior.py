@@ -347,9 +347,16 @@ def test_fast_conditional_equals_direct_evaluation(weighted):
     dev = np.abs(fast.loc[ok, cols].to_numpy() - ref.loc[ok, cols].to_numpy())
     assert dev.max() < 1e-7, dev.max(axis=0)
     # the n_eff lower bound of the fast path matches the direct sum where it matters
-    tab, n_eff = post._fast_tables(xq[14:40])
+    tab, n_eff, thin = post._fast_tables(xq[14:40])
+    assert thin.size == 0
     np.testing.assert_allclose(n_eff, post._n_eff(xq[14:40]), rtol=1e-9)
     np.testing.assert_allclose(tab, post._direct_tables(xq[14:40]), atol=1e-8)
+    # far out, with little mass inside the prior range: the fast path leaves the tables to the
+    # direct evaluation (one pass for all such rows of a summary)
+    tab, _, thin = post._fast_tables(xq[:13])
+    assert thin.size and np.isnan(tab[thin]).all() and np.isfinite(np.delete(tab, thin, 0)).all()
+    np.testing.assert_array_equal(thin, np.flatnonzero(mass[:13] < 1e-3))
+    np.testing.assert_allclose(post._exact_tables(xq[:13])[thin], post._direct_tables(xq[thin]))
 
 
 def test_fast_path_weight_cut_is_what_makes_it_exact():
@@ -362,7 +369,31 @@ def test_fast_path_weight_cut_is_what_makes_it_exact():
     xq = np.column_stack([rng.uniform(14.0, 15.0, 50), rng.uniform(0.03, 0.08, 50)])
     ref = post._direct_tables(xq)
     post.weight_cut = 0.3  # bypasses the constructor's check on purpose
-    cut = np.vstack([post._fast_tables(xq[i : i + 1])[0] for i in range(5)])  # one query per group
+    cut = np.vstack([post._exact_tables(xq[i : i + 1]) for i in range(5)])  # one query per group
     assert np.abs(cut - ref[:5]).max() > 1e-4
     with pytest.raises(CalibrationError):
         JointKDEPosterior(weight_cut=0.1).fit(np.column_stack([d, z]), m)
+
+
+def test_fast_path_zero_weight_neighbours_shift_by_exact_max():
+    """Queries whose nearest pairs carry zero importance weight: the kernel sums would underflow
+    relative to the kd bound, so the fast path shifts them by the exact largest exponent; its
+    summaries still equal the direct evaluation's."""
+    rng = np.random.default_rng(5)
+    m = rng.uniform(13.7, 15.2, 600)
+    z = rng.uniform(0.02, 0.09, 600)
+    d = m + rng.normal(0, 0.15, 600)
+    w = np.where(m < 14.2, 0.0, 1.0)
+    post = JointKDEPosterior(0.4, prior_range=(13.7, 15.2)).fit(np.column_stack([d, z]), m, weights=w)
+    xq = np.column_stack([rng.uniform(13.8, 13.9, 20), rng.uniform(0.03, 0.08, 20)])
+    yq = xq @ post.white_.T
+    r2 = ((yq[:, None, :] - post.y_[None]) ** 2).sum(-1)
+    assert (post.c_[np.argsort(r2, axis=1)[:, :4]] == 0).all(1).any()  # log c = -690 at the 4 nearest
+    tab, n_eff, thin = post._fast_tables(xq)
+    assert thin.size == 0  # n_eff: kernel weight of the pairs of nonzero weight (a lower bound)
+    np.testing.assert_allclose(n_eff, np.exp(-0.5 * r2[:, post.c_ > 0]).sum(1), rtol=1e-9)
+    np.testing.assert_allclose(tab, post._direct_tables(xq), atol=1e-8)
+    fast, ref = post.summarize(xq), post.summarize(xq, method="direct")
+    cols = [c for c in SUMMARY_COLUMNS if c != "d_pred"]
+    np.testing.assert_array_equal(fast.out_of_range, ref.out_of_range)
+    np.testing.assert_allclose(fast[cols].to_numpy(), ref[cols].to_numpy(), rtol=0, atol=1e-7)

@@ -52,10 +52,13 @@ Exactness and speed
   orthonormal basis of r rows (SVD of the rows on a fine u grid, r the smallest rank whose
   largest residual on the pairs' own rows is < 1e-9: ``lowrank_rank_``, ``lowrank_error_``), so
   a group's tables are ``(w @ P) @ V``: two matrix products, N r instead of N G work per
-  posterior. The prior-edge normalisation and the truncated mean use the quintic Hermite
-  interpolant of the untruncated CDF and partial mean at the edges (< 3e-8); where less than
-  1e-3 of the untruncated mass lies inside the prior range (far outside the calibration,
-  flagged) the tables are computed directly. The pairs' kernel weight ``n_eff`` (the
+  posterior. These sums (one product for the exponents, exp, the product with P) and the
+  product with V run in torch, float64, on ``torch.get_num_threads()`` threads (imported on
+  first use; its exp is vectorised and multi-threaded, numpy's is not). The prior-edge
+  normalisation and the truncated mean use the quintic Hermite interpolant of the untruncated
+  CDF and partial mean at the edges (< 3e-8); where less than 1e-3 of the untruncated mass lies
+  inside the prior range (far outside the calibration, flagged) the tables are computed
+  directly (one pass for all such rows of a summary). The pairs' kernel weight ``n_eff`` (the
   out-of-range flag) comes from the same products; values below ``min_neighbours`` are
   recomputed without the cut, so the flags are those of the direct sum. ``method="direct"``
   evaluates every component on the grid (the reference; tests/test_posterior.py holds the two
@@ -462,7 +465,8 @@ class JointKDEPosterior:
         y = x @ self.white_.T
         for idx, lo, hi in self._blocks(y[:, 0]):
             r2 = _sqdist(y[idx], self.y_[lo:hi])
-            out[idx] = np.exp(-0.5 * r2).sum(1)
+            r2 *= -0.5
+            out[idx] = np.exp(r2, out=r2).sum(1)
         return out
 
     def _any_covered(self) -> bool:
@@ -585,7 +589,9 @@ class JointKDEPosterior:
         """Mixture tables at each x (see :meth:`_direct_tables`): the low-rank path
         (:meth:`_fast_tables`) for k > 1, the windowed direct evaluation for k = 1."""
         if self.n_cond_ > 1:
-            return self._fast_tables(x)[0]
+            tab, _, thin = self._fast_tables(x)
+            tab[thin] = self._direct_tables(x[thin])
+            return tab
         return self._direct_tables(x)
 
     def _direct_tables(self, x: np.ndarray) -> np.ndarray:
@@ -650,7 +656,7 @@ class JointKDEPosterior:
         from scipy.spatial import cKDTree
 
         s, ug = self.sigma_u_, self.ug_
-        u = self.u_
+        u, ng = self.u_, self.ug_.size
         u0 = 0.5 * (ug[0] + ug[-1])
         mscale = max(0.5 * (ug[-1] - ug[0]), 1e-12)
 
@@ -678,20 +684,25 @@ class JointKDEPosterior:
             r = min(vt.shape[0], int(np.ceil(1.25 * r)) + 1)
         y0 = self.y_.mean(0)
         yc = self.y_ - y0
+        yc2 = np.einsum("ij,ij->i", yc, yc)
         logc = np.log(np.maximum(self.c_, 1e-300))
         inv_c = np.where(self.c_ > 1e-200, 1.0 / np.maximum(self.c_, 1e-200), 0.0)
         self.lowrank_rank_ = r
         self.lowrank_error_ = err
         self._fast = {
-            "basis": np.ascontiguousarray(basis), "u0": u0, "mscale": mscale, "y0": y0, "yc": yc,
+            # V's columns scaled to the tables' units: [F | f | f' | f''] (1, 1/s, 1/s^2, 1/s^3) and
+            # the centred partial mean (mscale)
+            "basis": np.ascontiguousarray(basis[:, : 4 * ng] * np.repeat(s ** -np.arange(4.0), ng)),
+            "basis_mean_t": np.ascontiguousarray((basis[:, 4 * ng :] * mscale).T),
+            "u0": u0, "y0": y0, "yc": yc, "yc2": yc2,
             "logc": logc, "logc_max": float(logc.max()),
             "ext": np.column_stack([coef, np.ones(u.size), inv_c, u - u0]), "tree": cKDTree(yc),
-            "aug": np.ascontiguousarray(np.column_stack([yc, -0.5 * np.einsum("ij,ij->i", yc, yc) + logc,
+            "aug": np.ascontiguousarray(np.column_stack([yc, -0.5 * yc2 + logc,
                                                          np.ones(u.size)]).T),
         }
         return self._fast
 
-    def _fast_tables(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _fast_tables(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Mixture tables (as :meth:`_direct_tables`) and a lower bound of ``n_eff`` at each x.
 
         Exact up to the weight cut (components below ``weight_cut`` times the largest weight
@@ -699,16 +710,21 @@ class JointKDEPosterior:
         (``lowrank_error_`` in the CDF) and the quintic Hermite evaluation of the untruncated
         CDF and partial mean at the prior edges (< 3e-8); where less than ``_THIN_MASS`` of the
         untruncated mixture lies inside the prior range (far outside the calibration), those
-        absolute errors would grow relative to it, and the tables are computed directly. Queries are grouped by a kd split of
-        their whitened coordinates; each group takes the pairs within its bounding ball plus
-        the largest cut radius of its members, then two matrix products give its tables."""
+        absolute errors would grow relative to it: their rows (``thin``, indices) are left NaN
+        for the caller to compute directly. Queries are grouped by a kd split of their whitened
+        coordinates; each group takes the pairs within its bounding ball plus the largest cut
+        radius of its members, then two matrix products (torch, float64) give its tables.
+
+        Returns (tables (n, 4 G + 1), n_eff (n,), thin)."""
+        import torch  # lazily: the kernel sums run in torch (vectorised, multi-threaded exp)
+
         fs = self._fast_setup()
         x = x.reshape(-1, self.n_cond_)
-        n, ng, s = x.shape[0], self.ug_.size, self.sigma_u_
+        n, ng = x.shape[0], self.ug_.size
         r = fs["basis"].shape[0]
         y = x @ self.white_.T - fs["y0"]
         kq = min(4, self.n_pairs_)
-        dist, ind = fs["tree"].query(y, k=kq)
+        dist, ind = fs["tree"].query(y, k=kq, workers=torch.get_num_threads())
         dist, ind = dist.reshape(n, kq), ind.reshape(n, kq)
         lb = np.max(-0.5 * dist * dist + fs["logc"][ind], axis=1)  # <= log of the largest c_i K_i
         ub = fs["logc_max"] - 0.5 * dist[:, 0] ** 2  # >= it
@@ -717,61 +733,66 @@ class JointKDEPosterior:
         q = np.column_stack([y, np.ones(n), -(ub + 0.5 * np.einsum("ij,ij->i", y, y))])
         coef = np.empty((n, r + 3))
         shift = ub.copy()  # log of the factor taken out of the weights
-        yc, aug, ext = fs["yc"], fs["aug"], fs["ext"]
+        yc, yc2 = fs["yc"], fs["yc2"]
+        aug, ext = torch.from_numpy(fs["aug"]), torch.from_numpy(fs["ext"])  # shared memory
+        buf = torch.empty(_GROUP * _PAIR_BLOCK, dtype=torch.float64)  # one block of weights
+
         def run(g):  # the tables' coefficients of one kd group of queries
             yb = y[g]
             lo, hi = yb.min(0), yb.max(0)
             ctr = 0.5 * (lo + hi)
             reach = 0.5 * float(np.linalg.norm(hi - lo)) + math.sqrt(float(rad2[g].max()))
-            dc = yc - ctr
-            near = np.einsum("ij,ij->i", dc, dc) <= reach * reach
+            near = yc2 - 2.0 * (yc @ ctr) <= reach * reach - ctr @ ctr  # |y_i - ctr| <= reach
             if near.mean() > 0.8:  # keeping every pair costs less than gathering most of them
                 aug_c, ext_c = aug, ext
             else:
-                cand = np.flatnonzero(near)
-                aug_c, ext_c = aug[:, cand], ext[cand]
-            qg = q[g]
+                cand = torch.from_numpy(np.flatnonzero(near))
+                aug_c, ext_c = aug.index_select(1, cand), ext.index_select(0, cand)
+            qg = torch.from_numpy(q[g])  # a copy (fancy index)
             if float(np.max(ub[g] - lb[g])) > 600.0:  # exp would underflow: shift by the exact max
-                mx = (qg @ aug_c).max(1)
-                qg = qg.copy()
+                mx = (qg @ aug_c).amax(1)
                 qg[:, -1] -= mx
-                shift[g] += mx
-            acc = np.zeros((len(g), r + 3))
+                shift[g] += mx.numpy()
+            acc = torch.zeros((len(g), r + 3), dtype=torch.float64)
             for i0 in range(0, ext_c.shape[0], _PAIR_BLOCK):  # memory bounded for any number of pairs
-                logw = qg @ aug_c[:, i0 : i0 + _PAIR_BLOCK]
-                np.exp(logw, out=logw)
-                acc += logw @ ext_c[i0 : i0 + _PAIR_BLOCK]
-            coef[g] = acc
+                blk = aug_c[:, i0 : i0 + _PAIR_BLOCK]
+                logw = torch.matmul(qg, blk, out=buf[: len(g) * blk.shape[1]].view(len(g), blk.shape[1]))
+                acc.addmm_(logw.exp_(), ext_c[i0 : i0 + _PAIR_BLOCK])
+            coef[g] = acc.numpy()
 
         for g in _kd_groups(y, _GROUP):
             run(g)
         norm0 = coef[:, r]
         n_eff = coef[:, r + 1] * np.exp(shift)
-        tab = (coef[:, :r] / norm0[:, None]) @ fs["basis"]
-        F = tab[:, :ng]
-        out = np.empty((n, 4 * ng + 1))
-        out[:, :ng] = F
-        out[:, ng : 2 * ng] = tab[:, ng : 2 * ng] / s
-        out[:, 2 * ng : 3 * ng] = tab[:, 2 * ng : 3 * ng] / (s * s)
-        out[:, 3 * ng : 4 * ng] = tab[:, 3 * ng : 4 * ng] / (s * s * s)
+        coefn = torch.from_numpy(coef[:, :r] / norm0[:, None])
+        out_t = torch.empty((n, 4 * ng + 1), dtype=torch.float64)
+        torch.mm(coefn, torch.from_numpy(fs["basis"]), out=out_t[:, : 4 * ng])  # rows padded by one
+        out = out_t.numpy()
+        F, f, f1 = out[:, :ng], out[:, ng : 2 * ng], out[:, 2 * ng : 3 * ng]
         u0 = fs["u0"]
         mean_c = coef[:, r + 2] / norm0  # mean of u - u0 (untruncated, exact)
         out[:, -1] = u0 + mean_c
+        thin = np.zeros(0, dtype=np.intp)
         bounds = self._bounds_u(x)
-        if bounds is not None:
-            mc = tab[:, 4 * ng :] * fs["mscale"]  # centred partial mean  int (t - u0) f(t) dt
-            f, f1 = out[:, ng : 2 * ng], out[:, 2 * ng : 3 * ng]
-            ha, hb = (_hermite_at(self.ug_, F, f, f1, b, 0.0, 1.0) for b in bounds)
-            dm, dm1 = (self.ug_ - u0) * f, f + (self.ug_ - u0) * f1
-            ma, mb = (_hermite_at(self.ug_, mc, dm, dm1, b, 0.0, mean_c) for b in bounds)
+        if bounds is not None:  # untruncated CDF and partial mean at the edges, then truncate
+            rows, cn, ugc = np.arange(n), coefn.numpy(), self.ug_ - u0
+
+            def cdf_nodes(j):  # F, f, f' at column j of each row
+                return F[rows, j], f[rows, j], f1[rows, j]
+
+            def mean_nodes(j):  # int (t - u0) f(t) dt below the node, (u - u0) f, f + (u - u0) f'
+                return (np.einsum("ik,ik->i", cn, fs["basis_mean_t"][j]), ugc[j] * f[rows, j],
+                        f[rows, j] + ugc[j] * f1[rows, j])
+
+            ha, hb = (_hermite_at(self.ug_, cdf_nodes, b, 0.0, 1.0) for b in bounds)
+            ma, mb = (_hermite_at(self.ug_, mean_nodes, b, 0.0, mean_c) for b in bounds)
             norm = np.maximum(hb - ha, 1e-300)
-            out[:, :ng] -= ha[:, None]
-            out[:, :-1] /= norm[:, None]
+            out_t[:, :ng] -= torch.from_numpy(ha)[:, None]
+            out_t[:, :-1] /= torch.from_numpy(norm)[:, None]
             out[:, -1] = u0 + (mb - ma) / norm
             thin = np.flatnonzero(hb - ha < _THIN_MASS)
-            if thin.size:  # little mass inside the support: relative errors grow, so direct
-                out[thin] = self._direct_tables(x[thin])
-        return out, n_eff
+            out[thin] = np.nan
+        return out, n_eff, thin
 
     def _build_nodes(self) -> None:
         """Tables on nodes spaced ``node_spacing * sigma_d`` over each valid interval (k = 1),
@@ -840,25 +861,39 @@ class JointKDEPosterior:
         With the fast path (k > 1, 'exact') also ``n_eff``: the kernel weight of the pairs at x
         (a lower bound, exact up to the weight cut)."""
         out = {k: np.empty(x.shape[0]) for k in _STATS}
+
+        def solve(sel, tab):  # summaries of the rows sel from their tables, in log M
+            res = _solve_tables(tab, self.ug_)
+            shift, scale = self._shift(x[sel]), self._scale(x[sel])
+            for k in _STATS:
+                out[k][sel] = res[k] * scale + shift
+
         fast = method == "exact" and self.n_cond_ > 1
         order = np.arange(x.shape[0])
         if fast:  # chunks of neighbouring queries: compact kd groups share their pairs
             out["n_eff"] = np.empty(x.shape[0])
             order = np.concatenate(_kd_groups(x @ self.white_.T, _GROUP)) if x.shape[0] else order
         chunk = max(1, _BLOCK // (4 * self.ug_.size + 1))
+        thin = []  # fast path: rows left to the direct evaluation
         for i0 in range(0, x.shape[0], chunk):
             sel = order[i0 : i0 + chunk]
             xc = x[sel]
             if fast:
-                tab, out["n_eff"][sel] = self._fast_tables(xc)
+                tab, out["n_eff"][sel], th = self._fast_tables(xc)
+                if th.size:
+                    thin.append(sel[th])
+                    keep = np.ones(sel.size, bool)
+                    keep[th] = False
+                    sel, tab = sel[keep], tab[keep]
             elif method == "interpolate":
                 tab = self._interp_tables(xc[:, 0])
             else:
                 tab = self._direct_tables(xc) if method == "direct" else self._exact_tables(xc)
-            res = _solve_tables(tab, self.ug_)
-            shift, scale = self._shift(xc), self._scale(xc)
-            for k in _STATS:
-                out[k][sel] = res[k] * scale + shift
+            solve(sel, tab)
+        if thin:  # one direct pass for all of them (its cost is mostly per call)
+            thin = np.concatenate(thin)
+            for i0 in range(0, thin.size, chunk):
+                solve(thin[i0 : i0 + chunk], self._direct_tables(x[thin[i0 : i0 + chunk]]))
         if self.prior_range is not None:  # the truncated posterior lives inside the support
             for k in _STATS:  # (changes only posteriors with ~no untruncated mass inside it)
                 out[k] = np.clip(out[k], *self.prior_range)
@@ -1102,29 +1137,27 @@ def _kd_groups(y: np.ndarray, size: int) -> list[np.ndarray]:
     return out
 
 
-def _hermite_at(grid, val, der, der2, v, below, above):
-    """Per row, the quintic Hermite interpolant of tables (val, der, der2) on the uniform
-    ``grid`` at ``v`` (n,); ``below``/``above`` (scalars or (n,)) outside the grid."""
-    n, ng = val.shape
+def _hermite_at(grid, nodes, v, below, above):
+    """Per row, the quintic Hermite interpolant on the uniform ``grid`` at ``v`` (n,) of a table
+    given at grid columns ``j`` (n,) by ``nodes(j)`` = (value, first, second derivative), each
+    (n,); ``below``/``above`` (scalars or (n,)) outside the grid."""
     h = grid[1] - grid[0]
-    j = np.clip(np.searchsorted(grid, v, "right") - 1, 0, ng - 2)
+    j = np.clip(np.searchsorted(grid, v, "right") - 1, 0, grid.size - 2)
     t = np.clip((v - grid[j]) / h, 0.0, 1.0)
-    rows = np.arange(n)
-    p = _hermite5(t, val[rows, j], der[rows, j] * h, der2[rows, j] * h * h,
-                  val[rows, j + 1], der[rows, j + 1] * h, der2[rows, j + 1] * h * h)[0]
+    (y0, d0, s0), (y1, d1, s1) = nodes(j), nodes(j + 1)
+    p = _hermite5(t, y0, d0 * h, s0 * h * h, y1, d1 * h, s1 * h * h)[0]
     p = np.where(v < grid[0], below, p)
     return np.where(v > grid[-1], above, p)
 
 
 def _sqdist(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Squared Euclidean distances between the rows of a (n, k) and b (m, k)."""
-    if a.shape[1] == 1:
-        z = a[:, :1] - b[:, 0][None, :]
-        return z * z
-    r2 = np.zeros((a.shape[0], b.shape[0]))
-    for j in range(a.shape[1]):
-        z = a[:, j : j + 1] - b[:, j][None, :]
-        r2 += z * z
+    r2 = np.subtract(a[:, :1], b[None, :, 0])
+    r2 *= r2
+    for j in range(1, a.shape[1]):  # in place: one (n, m) temporary
+        z = np.subtract(a[:, j : j + 1], b[None, :, j])
+        z *= z
+        r2 += z
     return r2
 
 
