@@ -30,7 +30,7 @@ approach generalised to 3 conditioning variables: scipy ``gaussian_kde`` of (x, 
 1000-point log M grid row per posterior at its x (a 4-D grid over x is out of reach), against
 our posterior with the same plain kernel (``mean_degree=1``, no prior edges).
 
-    .venv/bin/python benchmarks/posterior.py [--quick] [--pairs 20000] [--posteriors 100000]
+    .venv/bin/python benchmarks/posterior.py [--quick] [--pairs 20000] [--posteriors 100000] [--compare-rev REV]
 
 Prints a table and writes ``benchmarks/results/posterior.json`` atomically.
 """
@@ -76,21 +76,68 @@ def reference_summaries(kde, d_grid, m_grid, d_obs):
     return out, per_row
 
 
-def conditional_3d(args, d, m, rng) -> dict:
-    """The 3-variable default posterior: timing for ``args.cond_posteriors`` predictions and the
-    comparison with the direct and grid references on a subsample (module docstring)."""
-    def conditions(mass, seed):
-        rz = np.random.default_rng(seed)
-        z = rz.uniform(0.02, 0.09, mass.size)
-        return z, 0.9 * (mass - 14.0) - 8.0 * (z - 0.05) + 2.0 + rz.normal(0, 0.15, mass.size)
+def conditions(mass, seed):
+    """Redshift and log n_gal of clusters of log mass ``mass`` (the 3-variable case's mocks)."""
+    rz = np.random.default_rng(seed)
+    z = rz.uniform(0.02, 0.09, mass.size)
+    return z, 0.9 * (mass - 14.0) - 8.0 * (z - 0.05) + 2.0 + rz.normal(0, 0.15, mass.size)
 
+
+def conditional_inputs(pairs: int, posteriors: int, seed: int):
+    """Pairs (x, m) and queries xq of the 3-variable case (1% of queries off the richness relation)."""
+    d, m = make_pairs(pairs, seed)
+    x = np.column_stack([d, *conditions(m, seed + 3)])
+    dq, mq = make_pairs(posteriors, seed + 4)
+    xq = np.column_stack([dq, *conditions(mq, seed + 5)])
+    off = max(posteriors // 100, 1)
+    xq[:off, 2] += np.random.default_rng(seed + 2).choice([-1.0, 1.0], off)
+    return x, m, xq, off
+
+
+_OLD_SNIPPET = """
+import json, sys, time
+sys.path.insert(0, sys.argv[2])
+import torch  # noqa: F401  (as in the current run: loaded before the clock)
+from posterior import conditional_inputs
+from clustermass.posterior import JointKDEPosterior
+a = json.loads(sys.argv[1])
+x, m, xq, _ = conditional_inputs(a["pairs"], a["posteriors"], a["seed"])
+t = time.perf_counter()
+post = JointKDEPosterior(bandwidth=a["bw"], prior_range=(13.7, 15.2), mean_degree=2, heteroscedastic=True).fit(x, m)
+post._fast_setup()
+t_fit = time.perf_counter() - t
+t = time.perf_counter()
+post.summarize(xq)
+print(json.dumps([t_fit, time.perf_counter() - t]))
+"""
+
+
+def time_old_revision(rev: str, pairs: int, posteriors: int, seed: int, bw: float) -> list[float]:
+    """Fit and summary times [s] of the 3-variable case with the ``clustermass`` of git revision
+    ``rev`` (``git archive REV src`` into a temporary directory, run in a subprocess)."""
+    import json
+    import subprocess
+    import sys
+    import tempfile
+
+    root = Path(__file__).resolve().parents[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        arch = subprocess.run(["git", "-C", str(root), "archive", rev, "src"], check=True, capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", tmp], input=arch, check=True)
+        env = {**os.environ, "PYTHONPATH": str(Path(tmp) / "src")}
+        arg = json.dumps({"pairs": pairs, "posteriors": posteriors, "seed": seed, "bw": bw})
+        res = subprocess.run([sys.executable, "-c", _OLD_SNIPPET, arg, str(Path(__file__).parent)], env=env,
+                             check=True, capture_output=True, text=True)
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def conditional_3d(args, rng) -> dict:
+    """The 3-variable default posterior: timing for ``args.cond_posteriors`` predictions and the
+    comparison with the direct and grid references on a subsample (module docstring); with
+    ``args.compare_rev`` also the same timing at that git revision, right after ours."""
     nq, bw = args.cond_posteriors, args.cond_bandwidth
     sub = min(args.cond_subsample or (12 if args.quick else 60), nq)
-    x = np.column_stack([d, *conditions(m, args.seed + 3)])
-    dq, mq = make_pairs(nq, args.seed + 4)
-    xq = np.column_stack([dq, *conditions(mq, args.seed + 5)])
-    off = max(nq // 100, 1)
-    xq[:off, 2] += rng.choice([-1.0, 1.0], off)  # off the richness relation: out of range
+    x, m, xq, off = conditional_inputs(args.pairs, nq, args.seed)
     t0 = time.perf_counter()
     import torch  # the fast path's kernel sums (loaded anyway where a CNN made the predictions)
     t_torch = time.perf_counter() - t0  # one-time, outside the timings below
@@ -101,6 +148,7 @@ def conditional_3d(args, d, m, rng) -> dict:
     t0 = time.perf_counter()
     tab = post.summarize(xq)
     t_sum = time.perf_counter() - t0
+    old = time_old_revision(args.compare_rev, args.pairs, nq, args.seed, bw) if args.compare_rev else None
     pick = np.sort(rng.choice(np.arange(off, nq), sub, replace=False))  # in-range subsample
     t0 = time.perf_counter()
     ref = post.summarize(xq[pick], method="direct")
@@ -128,7 +176,7 @@ def conditional_3d(args, d, m, rng) -> dict:
     diff_grid = {k: float(np.max(np.abs(ours[k].to_numpy()[inside] - grid[k][inside]))) for k in COLUMNS}
     total = t_fit + t_sum
     return {
-        "pairs": int(d.size), "posteriors": nq, "bandwidth": bw, "out_of_range": int(tab.out_of_range.sum()),
+        "pairs": int(m.size), "posteriors": nq, "bandwidth": bw, "out_of_range": int(tab.out_of_range.sum()),
         "torch_import_s": t_torch, "torch_threads": torch.get_num_threads(),
         "fit_s": t_fit, "summarize_s": t_sum, "total_s": total, "s_per_posterior": total / nq,
         "lowrank_rank": int(post.lowrank_rank_), "lowrank_error": float(post.lowrank_error_),
@@ -138,6 +186,10 @@ def conditional_3d(args, d, m, rng) -> dict:
         "flags_equal_to_direct": flags_equal,
         "grid_s_per_posterior": t_grid, "grid_total_s_extrapolated": t_grid * nq, "speedup_vs_grid": t_grid * nq / total,
         "grid_m_step_dex": float(m_grid[1] - m_grid[0]), "max_abs_diff_vs_grid_dex": diff_grid,
+        "compare_rev": args.compare_rev or None, "compare_rev_fit_s": old[0] if old else None,
+        "compare_rev_summarize_s": old[1] if old else None,
+        "compare_rev_total_s": sum(old) if old else None,
+        "speedup_vs_compare_rev": sum(old) / total if old else None,
     }
 
 
@@ -155,6 +207,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--cond-bandwidth", type=float, default=0.40, help="the pipeline default (CalibrationConfig)")
     ap.add_argument("--cond-subsample", type=int, default=None,
                     help="3-D posteriors compared with the direct and grid references (default 60, quick 12)")
+    ap.add_argument("--compare-rev", default="", help="also time the 3-variable case with this git revision's clustermass")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "posterior.json"))
     args = ap.parse_args(argv)
     sub = args.subsample or (25 if args.quick else 300)
@@ -194,7 +247,7 @@ def main(argv=None) -> dict:
     post_b = JointKDEPosterior(bandwidth=args.bandwidth, prior_range=(13.7, 15.2)).fit(d, m)
     tab_b = post_b.summarize(d_obs)
     t_bound = time.perf_counter() - t0
-    cond = conditional_3d(args, d, m, rng) if args.cond_posteriors else None
+    cond = conditional_3d(args, rng) if args.cond_posteriors else None
     interp_vs_exact = float(np.nanmax(np.abs(tab.loc[pick, list(COLUMNS)].to_numpy() - ex[list(COLUMNS)].to_numpy())))
     result = {
         "pairs": args.pairs,
@@ -241,6 +294,9 @@ def main(argv=None) -> dict:
               f"{c['direct_total_s_extrapolated']:17.0f}{c['grid_total_s_extrapolated']:16.0f}")
         rd, rg = f"x{c['speedup_vs_direct']:.0f}", f"x{c['speedup_vs_grid']:.0f}"
         print(f"{'  ratio':34s}{'':14s}{rd:>17s}{rg:>16s}")
+        if c["compare_rev"]:
+            print(f"{'  at ' + c['compare_rev'] + ' (same run) [s]':34s}{c['compare_rev_total_s']:14.2f}"
+                  f"   (ours x{c['speedup_vs_compare_rev']:.2f} faster)")
         print(f"{'  of which fit+factorise / summaries [s]':34s}{c['fit_s']:7.2f} / {c['summarize_s']:5.2f}"
               f"   (rank {c['lowrank_rank']}, out of range {c['out_of_range']})")
         print(f"max |difference| on {c['compared_posteriors']} posteriors [dex]: vs direct (default model); "
