@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from clustermass._io import write_json_atomic
 from clustermass.calibration import cluster_conditions
 from clustermass.catalog import read_catalogue
 from clustermass.config import WindowConfig
@@ -37,7 +38,8 @@ VARIANTS = {
     "d_pred + z, bw 0.30, trend": (("d_pred", "z"), True, 0.3, 2, True),
     "d_pred + z + log_n_gal, bw 0.20": (("d_pred", "z", "log_n_gal"), True, 0.2, 1, False),
     "d_pred + z + log_n_gal, bw 0.30": (("d_pred", "z", "log_n_gal"), True, 0.3, 1, False),
-    "d_pred + z + log_n_gal, bw 0.30, trend (default)": (("d_pred", "z", "log_n_gal"), True, 0.3, 2, True),
+    "d_pred + z + log_n_gal, bw 0.30, trend": (("d_pred", "z", "log_n_gal"), True, 0.3, 2, True),
+    "d_pred + z + log_n_gal, bw 0.40, trend (default)": (("d_pred", "z", "log_n_gal"), True, 0.4, 2, True),
 }
 
 
@@ -180,7 +182,7 @@ def main() -> None:
               f"width {row['width_68']:.3f}, worst tercile dev {row['dev_tercile_coverage_68']:.3f} (68%), "
               f"{row['dev_tercile_median']:.3f} (median), passed={row['passed']}")
     if os_access(args.run):
-        (args.run / "calibration_compare.json").write_text(json.dumps(res, indent=1, default=float))
+        write_json_atomic(args.run / "calibration_compare.json", res)
 
 
 def os_access(path: Path) -> bool:
