@@ -45,6 +45,7 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import gaussian_kde
 
+from _revision import run_at_revision
 from clustermass._io import write_json_atomic
 from clustermass.posterior import QUANTILES, JointKDEPosterior
 
@@ -96,7 +97,6 @@ def conditional_inputs(pairs: int, posteriors: int, seed: int):
 
 _OLD_SNIPPET = """
 import json, sys, time
-sys.path.insert(0, sys.argv[2])
 import torch  # noqa: F401  (as in the current run: loaded before the clock)
 from posterior import conditional_inputs
 from clustermass.posterior import JointKDEPosterior
@@ -110,25 +110,6 @@ t = time.perf_counter()
 post.summarize(xq)
 print(json.dumps([t_fit, time.perf_counter() - t]))
 """
-
-
-def time_old_revision(rev: str, pairs: int, posteriors: int, seed: int, bw: float) -> list[float]:
-    """Fit and summary times [s] of the 3-variable case with the ``clustermass`` of git revision
-    ``rev`` (``git archive REV src`` into a temporary directory, run in a subprocess)."""
-    import json
-    import subprocess
-    import sys
-    import tempfile
-
-    root = Path(__file__).resolve().parents[1]
-    with tempfile.TemporaryDirectory() as tmp:
-        arch = subprocess.run(["git", "-C", str(root), "archive", rev, "src"], check=True, capture_output=True).stdout
-        subprocess.run(["tar", "-x", "-C", tmp], input=arch, check=True)
-        env = {**os.environ, "PYTHONPATH": str(Path(tmp) / "src")}
-        arg = json.dumps({"pairs": pairs, "posteriors": posteriors, "seed": seed, "bw": bw})
-        res = subprocess.run([sys.executable, "-c", _OLD_SNIPPET, arg, str(Path(__file__).parent)], env=env,
-                             check=True, capture_output=True, text=True)
-    return json.loads(res.stdout.strip().splitlines()[-1])
 
 
 def conditional_3d(args, rng) -> dict:
@@ -148,7 +129,8 @@ def conditional_3d(args, rng) -> dict:
     t0 = time.perf_counter()
     tab = post.summarize(xq)
     t_sum = time.perf_counter() - t0
-    old = time_old_revision(args.compare_rev, args.pairs, nq, args.seed, bw) if args.compare_rev else None
+    old = run_at_revision(args.compare_rev, _OLD_SNIPPET, {"pairs": args.pairs, "posteriors": nq, "seed": args.seed,
+                                                          "bw": bw}) if args.compare_rev else None
     pick = np.sort(rng.choice(np.arange(off, nq), sub, replace=False))  # in-range subsample
     t0 = time.perf_counter()
     ref = post.summarize(xq[pick], method="direct")

@@ -26,13 +26,11 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
 import resource  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
 import time  # noqa: E402
 from concurrent.futures import ProcessPoolExecutor  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+from _revision import run_at_revision  # noqa: E402
 from clustermass._io import write_json_atomic  # noqa: E402
 from clustermass.config import SimulationConfig, WindowConfig  # noqa: E402
 from clustermass.simulate import simulate_catalogue, simulate_chunk  # noqa: E402
@@ -56,19 +54,6 @@ for c in cases:
     out.append([time.perf_counter() - t, len(cat), len(cat.galaxies), time.process_time() - c])
 print(json.dumps(out))
 """
-
-
-def _run_old(rev: str, cases: list[dict]) -> list:
-    """Time the simulator of git revision ``rev`` on the same cases (subprocess, one core)."""
-    root = Path(__file__).resolve().parents[1]
-    with tempfile.TemporaryDirectory() as tmp:
-        arch = subprocess.run(["git", "-C", str(root), "archive", rev, "src"], check=True,
-                              capture_output=True).stdout
-        subprocess.run(["tar", "-x", "-C", tmp], input=arch, check=True)
-        env = {**os.environ, "PYTHONPATH": str(Path(tmp) / "src")}
-        res = subprocess.run([sys.executable, "-c", _OLD_SNIPPET, json.dumps(cases)], env=env,
-                             check=True, capture_output=True, text=True)
-    return json.loads(res.stdout.strip().splitlines()[-1])
 
 
 def _run(sim: SimulationConfig, window: WindowConfig, seed: int = 0) -> tuple[float, object, float]:
@@ -149,7 +134,7 @@ def main() -> None:
             f"4.3e4 on 2 cores from cpu: {row['extrapolated_paper_cpu_s'] / 2:.1f} s)"
         )
     if args.compare_rev:
-        old = _run_old(args.compare_rev, [
+        old = run_at_revision(args.compare_rev, _OLD_SNIPPET, [
             {k: getattr(sim, k) for k in ("n_train", "n_test", "n_eval", "max_sightlines")}
             for sim in cases.values()])
         for row, (dt_old, n_old, ng_old, cpu_old) in zip(rows, old, strict=True):

@@ -23,7 +23,7 @@ import numpy as np
 from clustermass import load_model
 from clustermass._io import save_figure, write_json_atomic
 from clustermass.config import load_config
-from clustermass.diagnostics import bias_by_estimate_bin
+from clustermass.evaluation import bias_by_estimate_bin
 from clustermass.inference import compare_with_published, infer_sky
 from clustermass.massfunction import mass_function_from_posteriors, smoothed_theory
 from clustermass.plots.sky import plot_contrast_histogram, plot_mass_comparison, plot_mass_function

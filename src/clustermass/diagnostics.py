@@ -17,7 +17,6 @@ from scipy import stats
 from .errors import ClustermassError
 
 __all__ = [
-    "bias_by_estimate_bin",
     "calibration_metrics",
     "coverage_by_mass",
     "coverage_curve",
@@ -298,39 +297,3 @@ def group_calibration(pit, groups: dict, width=None, *, n_bins: int = 3, mass=No
             add("log_m_true", b, edges[b], edges[b + 1], ok & (k == b) & (m >= edges[0]) & (m <= edges[-1]))
     return pd.DataFrame(rows)
 
-
-#: Bins of the posterior median [log10 h^-1 Msun] for the prior checks (docs/calibration.md)
-ESTIMATE_EDGES = (13.7, 13.9, 14.1, 14.3, 14.5, 14.8, 15.2)
-
-
-def bias_by_estimate_bin(estimate, log_m_true, edges=ESTIMATE_EDGES, n_boot: int = 200, seed: int = 0) -> pd.DataFrame:
-    """Mean (estimate - true) [dex] in bins of the estimate (e.g. the posterior median).
-
-    Zero in every bin where the posterior is right for the population the clusters come from:
-    with a flat prior, clusters drawn from the steep mass function give a positive bias
-    (Eddington bias) that ``--prior mass-function`` should remove.
-
-    Returns
-    -------
-    DataFrame
-        ``lo, hi, n, bias, bias_err`` (bootstrap standard deviation), ``p_true_below`` (fraction
-        of clusters whose true mass is below the estimate; 0.5 when unbiased).
-    """
-    est = np.asarray(estimate, dtype=float).ravel()
-    truth = np.asarray(log_m_true, dtype=float).ravel()
-    ok = np.isfinite(est) & np.isfinite(truth)
-    edges = np.asarray(edges, dtype=float)
-    k = np.searchsorted(edges, est, side="right") - 1
-    k[est == edges[-1]] = edges.size - 2
-    rng = np.random.default_rng(seed)
-    rows = []
-    for b in range(edges.size - 1):
-        r = (est - truth)[ok & (k == b)]
-        row = {"lo": float(edges[b]), "hi": float(edges[b + 1]), "n": int(r.size), "bias": np.nan,
-               "bias_err": np.nan, "p_true_below": np.nan}
-        if r.size:
-            boot = [r[rng.integers(0, r.size, r.size)].mean() for _ in range(n_boot)] if r.size > 1 else [np.nan]
-            row.update(bias=float(r.mean()), bias_err=float(np.std(boot, ddof=1)) if n_boot > 1 else np.nan,
-                       p_true_below=float(np.mean(r > 0)))
-        rows.append(row)
-    return pd.DataFrame(rows)

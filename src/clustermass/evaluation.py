@@ -89,6 +89,24 @@ def mass_bins(log_m_true, width: float = 0.1, min_count: int = 5) -> np.ndarray:
     return edges[keep[0]: keep[-1] + 2]
 
 
+#: Bins of the posterior median [log10 h^-1 Msun] for the prior checks (docs/calibration.md)
+ESTIMATE_EDGES = (13.7, 13.9, 14.1, 14.3, 14.5, 14.8, 15.2)
+
+
+def bias_by_estimate_bin(estimate, log_m_true, edges=ESTIMATE_EDGES) -> pd.DataFrame:
+    """Mean (estimate - true) [dex] in bins of the estimate (e.g. the posterior median).
+
+    Zero in every bin where the posterior is right for the population the clusters come from:
+    with a flat prior, clusters drawn from the steep mass function give a positive bias
+    (Eddington bias) that ``--prior mass-function`` should remove. Returns ``lo, hi, n, bias,
+    bias_err`` (standard error of the mean) from :func:`binned_statistics`.
+    """
+    est = np.asarray(estimate, float)
+    st = binned_statistics(est, est - np.asarray(log_m_true, float), edges)
+    return pd.DataFrame({"lo": st.x_lo, "hi": st.x_hi, "n": st.n, "bias": st["mean"],
+                         "bias_err": st["std"] / np.sqrt(st.n)})
+
+
 def binned_statistics(x, y, edges) -> pd.DataFrame:
     """Per-bin statistics of ``y`` in bins of ``x``.
 
