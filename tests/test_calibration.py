@@ -8,8 +8,8 @@ import pytest
 
 from clustermass.calibration import (
     Calibration,
+    MassFunctionPrior,
     fit_calibration,
-    mass_function_weights,
     validate_conditioning,
 )
 from clustermass.diagnostics import NOMINAL_68, group_calibration
@@ -127,8 +127,8 @@ def test_mass_function_prior_removes_eddington_bias():
     cond = pd.DataFrame({"z": z})
     flat = fit_calibration(d, m, cond, conditioning=("d_pred",), mean_degree=1, prior_range=(LO, HI))
     mf = flat.with_prior("mass-function")
-    w = mf.weights
-    assert w[np.argmin(m)] > 20 * w[np.argmax(m)]  # the mass function is steep
+    lp = mf.mass_prior(np.array([[LO, HI]]), [0.05])[0][0]
+    assert lp[0] - lp[1] > np.log(20)  # the mass function is steep
     ms = _mass_function_sample(6000, 0.05, rng)  # a survey's clusters
     ds = ms + rng.normal(0, 0.15, ms.size)
     bias = {}
@@ -143,11 +143,58 @@ def test_mass_function_prior_removes_eddington_bias():
     # at 13.7 limits the lowest bin)
 
 
-def test_mass_function_weights_follow_each_redshift():
-    m = np.array([13.8, 14.8, 13.8, 14.8])
-    w = mass_function_weights(m, [0.0, 0.0, 0.5, 0.5], (LO, HI))
-    assert w.mean() == pytest.approx(1.0)
-    assert w[0] / w[1] < w[2] / w[3]  # the mass function is steeper at higher redshift
+def test_mass_function_prior_follows_colossus_at_each_redshift():
+    from clustermass import cosmology
+
+    prior = MassFunctionPrior((LO, HI))
+    m = np.linspace(LO - 0.4, HI + 0.4, 57)
+    z = np.array([0.0, 0.037, 0.5])
+    lp, d1, d2 = prior(np.tile(m, (3, 1)), z)
+    for i, zi in enumerate(z):
+        ref = np.log(cosmology.mass_function(m, zi))
+        np.testing.assert_allclose(lp[i] - lp[i, 0], ref - ref[0], atol=2e-3)  # linear in z between nodes
+        np.testing.assert_allclose(d1[i, 1:-1], np.gradient(ref, m)[1:-1], rtol=1e-2, atol=0.02)
+    assert (d2 < 0).all()  # ln n concave in log M
+    assert d1[0, 20] > d1[2, 20]  # steeper at higher redshift
+    far = prior(np.array([[HI + 2.0]]), [0.1])  # continued linearly beyond the fitted span
+    assert far[2][0, 0] == 0.0 and np.isfinite(far[0]).all()
+    unknown = prior(np.array([[14.0]]), [np.nan])[0]
+    np.testing.assert_allclose(unknown, prior(np.array([[14.0]]), [0.1])[0])  # z_ref
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_mass_function_prior_is_the_exact_bayes_update(k):
+    """Summaries, CDF and samples under the mass-function prior equal the flat posterior density
+    times the prior, normalised by numerical integration inside the prior range."""
+    d, z, m = _z_dependent(800, 8)
+    x_fit = d if k == 1 else np.column_stack([d, z])
+    prior = MassFunctionPrior((LO, HI))
+    flat = JointKDEPosterior(0.3, prior_range=(LO, HI), mean_degree=2, heteroscedastic=True).fit(x_fit, m)
+    mf = JointKDEPosterior(0.3, prior_range=(LO, HI), mean_degree=2, heteroscedastic=True,
+                           log_prior=prior).fit(x_fit, m)
+    dq, zq = np.array([13.72, 14.0, 14.5, 15.1]), np.array([0.03, 0.09, 0.05, 0.08])
+    xq = dq if k == 1 else np.column_stack([dq, zq])
+    grid = np.linspace(LO, HI, 30001)
+    dens = flat.pdf(xq, grid) * np.exp(prior(np.tile(grid, (4, 1)), zq)[0])
+    num = np.concatenate([np.zeros((4, 1)), np.cumsum(0.5 * (dens[:, 1:] + dens[:, :-1]) * np.diff(grid), 1)], 1)
+    dens, num = dens / num[:, -1:], num / num[:, -1:]
+    np.testing.assert_allclose(mf.pdf(xq, grid, prior_z=zq), dens, rtol=1e-6, atol=1e-9)
+    s = mf.summarize(xq, prior_z=zq, method="exact")
+    for col, q in (("log_m_lo2", 0.02275), ("log_m_median", 0.5), ("log_m_hi1", 0.8413)):
+        ref = np.array([np.interp(q, num[i], grid) for i in range(4)])
+        np.testing.assert_allclose(s[col], ref, atol=2e-5)
+    np.testing.assert_allclose(s["log_m_mean"], np.trapezoid(dens * grid, grid, axis=1), atol=2e-5)
+    probe = np.array([14.0, 14.5, 15.0])
+    ref = np.array([np.interp(probe, grid, row) for row in num])
+    np.testing.assert_allclose(mf.cdf(xq, np.tile(probe, (4, 1)), prior_z=zq), ref, atol=1e-6)
+    s_flat = flat.summarize(xq, method="exact")
+    assert (s["log_m_median"] < s_flat["log_m_median"]).all()  # the steep prior pulls masses down
+    draws = mf.sample(xq[2:3], 4000, seed=3, prior_z=zq[2:3])[0]
+    assert abs(np.median(draws) - s["log_m_median"][2]) < 0.01
+    if k == 1:  # the interpolated path (many clusters) gives the same summaries
+        many = np.repeat(dq, 300)
+        si = mf.summarize(many, prior_z=np.repeat(zq, 300))
+        np.testing.assert_allclose(si["log_m_median"].to_numpy()[::300], s["log_m_median"], atol=1e-5)
 
 
 def test_min_neighbours_flags_far_conditioning_values():

@@ -34,7 +34,7 @@ past the prior edges, as the KDE calibration's boundary cut), and the exact CDF 
 density (trapezoidal, i.e. piecewise-linear density) gives the quantiles, PIT and TARP.
 ``prior: mass-function`` multiplies the grid density by the Tinker et al. (2008) mass function at
 the cluster's redshift over the flat training prior
-(:func:`clustermass.calibration.mass_function_weights`). The point estimate ``d_pred`` of a set
+(:class:`clustermass.calibration.MassFunctionPrior`). The point estimate ``d_pred`` of a set
 model is its (flat-prior) posterior median.
 
 :class:`SetPosterior` offers the interface of :class:`clustermass.calibration.Calibration` used by
@@ -69,7 +69,7 @@ from ._bundlefmt import (
     save_weights,
 )
 from ._io import write_json_atomic
-from .calibration import cluster_conditions, mass_function_weights
+from .calibration import MassFunctionPrior, cluster_conditions
 from .catalog import Catalogue
 from .config import WindowConfig
 from .errors import BundleError, ClustermassError, ConfigError
@@ -338,6 +338,7 @@ class SetPosterior:
         self.conditioning, self.bandwidth, self.min_neighbours = dflt.conditioning, dflt.bandwidth, dflt.min_neighbours
         self.mean_degree, self.heteroscedastic = dflt.mean_degree, dflt.heteroscedastic
         self._view = _SetView(self)
+        self._mass_prior = MassFunctionPrior(self.prior_range, **self.prior_options) if prior == "mass-function" else None
 
     def __repr__(self) -> str:
         return f"SetPosterior(prior={self.prior!r}, grid={self.grid.size} points over {self.prior_range})"
@@ -382,9 +383,8 @@ class SetPosterior:
                 "galaxies; predict them with this bundle first, in this process (posterior_table does)")
         if self.prior == "mass-function" and found.any():
             z = np.where(np.isfinite(x[:, 1]), x[:, 1], z_store)[found]
-            w = mass_function_weights(np.tile(self.grid, int(found.sum())), np.repeat(z, self.grid.size),
-                                      self.prior_range, **self.prior_options).reshape(-1, self.grid.size)
-            pdf[found] *= w
+            lp = self._mass_prior(np.broadcast_to(self.grid, (int(found.sum()), self.grid.size)), z)[0]
+            pdf[found] *= np.exp(lp - lp.max(1, keepdims=True))
         p, c = _normalise(pdf, self.grid[1] - self.grid[0])
         return found, p, c, zk
 
