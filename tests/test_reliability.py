@@ -356,3 +356,25 @@ def test_compare_excludes_flagged_and_names_columns(tmp_path):
     assert {"z", "z_ref"} <= set(table.columns) and "z_x" not in table.columns
     s_all = compare_tables(tmp_path / "p.parquet", tmp_path / "r.csv", tmp_path / "o2", include_flagged=True)
     assert s_all["n"] == 10 and s_all["n_excluded_flagged"] == 0
+
+
+def test_infer_with_the_mass_function_prior(tmp_path, bundle_dir):
+    """``infer --prior mass-function`` through the CLI: a steeply falling prior moves every
+    posterior median down (never up), the table records the prior, and ``massfunction`` refuses
+    it under another prior with a one-line error."""
+    write_catalogue(_catalogue(n=12, seed=4), tmp_path / "cat")
+    tables = {}
+    for prior in ("flat", "mass-function"):
+        res = cli("infer", "--model", str(bundle_dir), "--data", str(tmp_path / "cat"), "--out",
+                  str(tmp_path / prior), "--prior", prior, "-q")
+        assert res.returncode == 0, res.stderr
+        tables[prior] = pd.read_parquet(tmp_path / prior / "posteriors.parquet")
+    flat, mf = tables["flat"], tables["mass-function"]
+    assert (mf["prior"] == "mass-function").all() and (flat["prior"] == "flat").all()
+    ok = np.isfinite(flat["log_m_median"]).to_numpy()
+    assert ok.sum() >= 6
+    shift = (mf["log_m_median"] - flat["log_m_median"]).to_numpy()[ok]
+    assert (shift <= 1e-9).all() and (shift < -0.005).any(), shift
+    res = cli("massfunction", "--posteriors", str(tmp_path / "mass-function" / "posteriors.parquet"), "--out",
+              str(tmp_path / "mfn"), "--area", "100", "--distance-max", "200", "--prior", "flat")
+    assert res.returncode == 2 and "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1

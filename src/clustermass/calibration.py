@@ -218,12 +218,11 @@ class Calibration:
             raise CalibrationError(f"calibration pairs lack columns {sorted(missing)}")
         self.pairs = pairs[["d_pred", "z", "log_n_gal", "log_m_true"]].astype(float)
         self._marginal: JointKDEPosterior | None = None
-        if self.prior == "mass-function":
-            if self.prior_range is None:
-                raise CalibrationError("the mass-function prior needs the prior range of the training masses")
-            z = self.pairs["z"].to_numpy()
+        if self.prior == "mass-function":  # fitted over the prior range (else the calibration masses')
+            z, m = self.pairs["z"].to_numpy(), self.pairs["log_m_true"].to_numpy()
+            span = self.prior_range or (float(np.nanmin(m)), float(np.nanmax(m)))
             opts = {"z_ref": float(np.nanmedian(z)) if np.isfinite(z).any() else 0.1, **self.prior_options}
-            self.mass_prior = MassFunctionPrior(self.prior_range, **opts)
+            self.mass_prior = MassFunctionPrior(span, **opts)
         self.posterior, self._used = self._fit(self.conditioning)
 
     # ------------------------------------------------------------------ fitting

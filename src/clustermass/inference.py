@@ -84,7 +84,7 @@ def posterior_table(bundle, cat: Catalogue, rows=None, info: pd.DataFrame | None
     prior : {"flat", "mass-function"}
         Mass prior of the posteriors (:mod:`clustermass.calibration`): ``flat`` is the training
         prior (clusters drawn like the mocks), ``mass-function`` the Tinker08 mass function at
-        each calibration pair's redshift (a survey's clusters; removes the Eddington bias).
+        each cluster's redshift (a survey's clusters; removes the Eddington bias).
     calibration : Calibration, optional
         Used instead of the bundle's own (e.g. a classical estimator's); it gets ``prior``.
     d_pred : array_like, optional
