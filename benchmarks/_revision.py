@@ -23,6 +23,8 @@ def run_at_revision(rev: str, snippet: str, arg) -> object:
                               capture_output=True).stdout
         subprocess.run(["tar", "-x", "-C", tmp], input=arch, check=True)
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(tmp) / "src"), str(here)])}
-        res = subprocess.run([sys.executable, "-c", snippet, json.dumps(arg)], env=env, check=True,
-                             capture_output=True, text=True)
+        res = subprocess.run([sys.executable, "-c", snippet, json.dumps(arg)], env=env, capture_output=True,
+                             text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"the snippet failed at {rev}:\n{res.stderr[-2000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])

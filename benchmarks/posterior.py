@@ -49,7 +49,6 @@ from scipy.stats import gaussian_kde
 
 from _revision import run_at_revision
 from clustermass._io import write_json_atomic
-from clustermass.calibration import MassFunctionPrior
 from clustermass.posterior import QUANTILES, JointKDEPosterior
 
 COLUMNS = ("log_m_map", "log_m_median", "log_m_mean", "log_m_lo1", "log_m_hi1", "log_m_lo2", "log_m_hi2")
@@ -132,7 +131,10 @@ def conditional_3d(args, rng) -> dict:
     t0 = time.perf_counter()
     tab = post.summarize(xq)
     t_sum = time.perf_counter() - t0
-    # the same posteriors under the mass-function prior (``infer --prior mass-function``)
+    # the same posteriors under the mass-function prior (``infer --prior mass-function``); imported
+    # here: --compare-rev imports this module's input generators with an older clustermass
+    from clustermass.calibration import MassFunctionPrior
+
     post_mf = JointKDEPosterior(bandwidth=bw, prior_range=(13.7, 15.2), mean_degree=2, heteroscedastic=True,
                                 log_prior=MassFunctionPrior((13.7, 15.2))).fit(x, m)
     post_mf._fast_setup()

@@ -141,10 +141,9 @@ class MassFunctionPrior:
         pos = zz / self._DZ
         k0 = np.floor(pos).astype(int)
         frac = (pos - k0)[None, :]
-        nodes = {k: self._node(k) for k in np.unique(np.concatenate([k0, k0 + 1]))}
-        c0 = np.stack([nodes[k] for k in k0], axis=1)
-        c1 = np.stack([nodes[k] for k in k0 + 1], axis=1)
-        c = (1.0 - frac) * c0 + frac * c1  # (degree + 1, n)
+        ks, inv = np.unique(np.concatenate([k0, k0 + 1]), return_inverse=True)
+        table = np.stack([self._node(int(k)) for k in ks], axis=1)  # (degree + 1, nodes)
+        c = (1.0 - frac) * table[:, inv[: k0.size]] + frac * table[:, inv[k0.size :]]  # (degree + 1, n)
         cheb = np.polynomial.chebyshev
         dt = 2.0 / (self.hi - self.lo)
         d1, d2 = cheb.chebder(c, 1, scl=dt), cheb.chebder(c, 2, scl=dt)
