@@ -3,7 +3,8 @@
 Simulates clusters with the run's own simulator and survey settings, but with halo masses drawn
 from the Tinker08 mass function (``simulation.mass_distribution=mass-function``, one sight line
 per halo, a seed the run never used), infers their masses with a calibrated bundle under both
-priors and prints, in bins of the posterior median, the mean (posterior median - true mass) with
+priors (the mass-function prior in the mocks' cosmology, Planck 2013; ``infer`` uses Planck 2018)
+and prints, in bins of the posterior median, the mean (posterior median - true mass) with
 its standard error, for all clusters and without the diagrams whose window holds a more massive
 halo (mock truth: the blends of the paper's Fig. 6), the mean (posterior median - posterior mean)
 (what a correct posterior of that shape would leave in the first), and the mean (posterior mean -
@@ -30,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from clustermass import load_model
+from clustermass import cosmology, load_model
 from clustermass._io import save_figure, write_json_atomic
 from clustermass.calibration import cluster_conditions, fit_calibration
 from clustermass.catalog import read_catalogue
@@ -102,8 +103,10 @@ def _compare_priors(bundle, cat, d_pred, calibration, out: Path | None) -> dict:
     blend = cat.clusters["has_interloper_cluster"].to_numpy(bool)
     result = {"blend_fraction": float(blend.mean())}
     tables = {}
-    for prior in PRIORS:
-        post = posterior_table(bundle, cat, prior=prior, d_pred=d_pred, calibration=calibration)
+    base = calibration if calibration is not None else bundle.calibrated()
+    for prior in PRIORS:  # the prior is the mocks' own mass function (their cosmology)
+        cal = base.with_prior(prior, **({"cosmo": cosmology.SIMULATION_COSMOLOGY} if prior == "mass-function" else {}))
+        post = posterior_table(bundle, cat, prior=prior, d_pred=d_pred, calibration=cal)
         ok = np.isfinite(post["log_m_median"].to_numpy(float))
         truth = post["log_m_true"].to_numpy(float)
         inside = (truth >= post["log_m_lo1"]) & (truth <= post["log_m_hi1"])

@@ -8,7 +8,7 @@ true) [dex] in the bins of the posterior median where relevant:
    mass-function prior, and their share of the clusters whose median is 10^14.5-14.8;
 2. how the prior is applied (``--exact`` clusters, a random subset): the package's update of the
    posterior density (the table), checked against the flat-prior density times the Tinker08
-   mass function on a 0.002 dex grid, and importance weights ``p_MF(m_i | z_i) / p_flat`` on the
+   mass function (of the mocks' cosmology, as the check's prior) on a 0.002 dex grid, and importance weights ``p_MF(m_i | z_i) / p_flat`` on the
    calibration pairs instead (the package's method before; the weights sit at the pairs' masses
    while each kernel spreads in log M);
 3. narrower KDE bandwidths (0.3, 0.2) with the mass-function prior;
@@ -34,6 +34,8 @@ from clustermass.calibration import MassFunctionPrior, fit_calibration
 from clustermass.catalog import read_catalogue
 from clustermass.evaluation import bias_by_estimate_bin
 from clustermass.posterior import JointKDEPosterior
+
+MOCKS = cosmology.SIMULATION_COSMOLOGY  # the mass function of the mocks (and of their prior)
 
 
 def _fmt(tab) -> str:
@@ -68,11 +70,11 @@ def main(argv=None) -> None:
     z = cond["z"].to_numpy(float)[sub]
     feats = cal.features(post["d_pred"].to_numpy(float)[sub], cond.iloc[sub])
     dens = cal.posterior.pdf(feats, grid)
-    dens *= np.exp(np.array([np.log(cosmology.mass_function(grid, zz)) for zz in z]))
+    dens *= np.exp(np.array([np.log(cosmology.mass_function(grid, zz, cosmo=MOCKS)) for zz in z]))
     cdf = np.cumsum(0.5 * (dens[:, 1:] + dens[:, :-1]), 1)
     grid_med = np.array([np.interp(0.5, c / c[-1], grid[1:]) for c in cdf])
     p = cal.pairs.dropna(subset=list(cal.conditioning))
-    prior, pz = MassFunctionPrior(cal.prior_range), p["z"].to_numpy()
+    prior, pz = MassFunctionPrior(cal.prior_range, cosmo=MOCKS), p["z"].to_numpy()
     mg = np.linspace(*cal.prior_range, 301)
     log_norm = np.log(np.trapezoid(np.exp(prior(np.broadcast_to(mg, (len(p), mg.size)), pz)[0]), mg, axis=1))
     log_w = prior(p[["log_m_true"]].to_numpy(), pz)[0][:, 0] - log_norm  # p_MF(m_i | z_i) / p_flat, up to a constant
@@ -86,7 +88,7 @@ def main(argv=None) -> None:
     p = cal.pairs
     for bw in (0.3, 0.2):
         c = fit_calibration(p["d_pred"], p["log_m_true"], p[["z", "log_n_gal"]], bandwidth=bw,
-                            prior_range=cal.prior_range, prior="mass-function")
+                            prior_range=cal.prior_range, prior="mass-function", prior_options={"cosmo": MOCKS})
         s = c.summarize(post["d_pred"].to_numpy(float)[ok], cond[ok])
         print(f"3. bandwidth {bw}: {_fmt(bias_by_estimate_bin(s['log_m_median'], truth[ok]))}")
 
