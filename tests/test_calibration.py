@@ -158,6 +158,7 @@ def test_mass_function_prior_follows_colossus_at_each_redshift():
     assert d1[0, 20] > d1[2, 20]  # steeper at higher redshift
     far = prior(np.array([[HI + 2.0]]), [0.1])  # continued linearly beyond the fitted span
     assert far[2][0, 0] == 0.0 and np.isfinite(far[0]).all()
+    assert np.isfinite(prior(np.array([[LO, HI]]), [5.0])[0]).all()  # steep at high z: still represented
     unknown = prior(np.array([[14.0]]), [np.nan])[0]
     np.testing.assert_allclose(unknown, prior(np.array([[14.0]]), [0.1])[0])  # z_ref
 
