@@ -107,6 +107,12 @@ class KDEConfig(_Section):
     input_scale: float = Field(1000.0, gt=0, description="factor applied to the sum-1 cube before the network")
 
 
+#: Training settings that change how a run executes, not its result (left out of the training
+#: fingerprints, so a run resumes with other values: devices, caches, epochs budget).
+RUN_ONLY_TRAINING_FIELDS = ("max_epochs", "patience", "num_workers", "cache_max_gb", "galaxies_in_memory_max_gb",
+                            "devices", "num_nodes", "strategy")
+
+
 class TrainingConfig(_Section):
     """Network training (SCIENCE.md sec. 5)."""
 

@@ -296,4 +296,3 @@ def group_calibration(pit, groups: dict, width=None, *, n_bins: int = 3, mass=No
         for b in range(edges.size - 1):
             add("log_m_true", b, edges[b], edges[b + 1], ok & (k == b) & (m >= edges[0]) & (m <= edges[-1]))
     return pd.DataFrame(rows)
-

@@ -30,7 +30,7 @@ from ._bundlefmt import BUNDLE_FORMAT, BUNDLE_VERSION, existing_fingerprint
 from ._io import guard_output
 from ._lightning import quiet_lightning
 from .catalog import Catalogue, train_validation_split, training_data_range
-from .config import TrainingConfig, WindowConfig
+from .config import RUN_ONLY_TRAINING_FIELDS, TrainingConfig, WindowConfig
 from .errors import ClustermassError
 from .setnpe import (
     KIND,
@@ -163,8 +163,7 @@ def _loader(tensors, batch_size: int, seed: int, shuffle: bool):
 
 def _fingerprint(arch: dict, window: WindowConfig, training: TrainingConfig, seed: int, data_hash: str) -> dict:
     tr = training.model_dump(mode="json")
-    for k in ("max_epochs", "patience", "num_workers", "cache_max_gb", "galaxies_in_memory_max_gb", "cache_inputs",
-              "devices", "num_nodes", "strategy", "augment"):
+    for k in (*RUN_ONLY_TRAINING_FIELDS, "cache_inputs", "augment"):
         tr.pop(k, None)
     return {"kind": KIND, "arch": arch, "window": window.model_dump(mode="json"), "training": tr,
             "seed": int(seed), "data_hash": data_hash}

@@ -54,7 +54,7 @@ from .bundle import (
     memory_format,
 )
 from .catalog import Catalogue, halo_split, train_validation_split, training_data_range  # noqa: F401  (re-exported)
-from .config import KIND_DIMS, KDEConfig, TrainingConfig, WindowConfig
+from .config import KIND_DIMS, RUN_ONLY_TRAINING_FIELDS, KDEConfig, TrainingConfig, WindowConfig
 from .datasets import SubsetBatches, TensorBatches, build_inputs, build_inputs_memmap
 from .errors import ClustermassError
 from .networks import build_network, count_parameters, default_arch
@@ -372,8 +372,7 @@ def _launch_rank(training: TrainingConfig) -> int:
 def _run_fingerprint(kind, arch, window, kde, training, seed, data_hash) -> dict:
     tr = training.model_dump(mode="json")
     # how many devices train does not change the result (up to reduction order): resumable anywhere
-    for k in ("max_epochs", "patience", "num_workers", "cache_max_gb", "galaxies_in_memory_max_gb", "devices",
-              "num_nodes", "strategy"):
+    for k in RUN_ONLY_TRAINING_FIELDS:
         tr.pop(k, None)
     return {"kind": kind, "arch": arch, "window": window.model_dump(mode="json"),
             "kde": kde.model_dump(mode="json"), "training": tr, "seed": int(seed), "data_hash": data_hash}
