@@ -13,7 +13,7 @@ from clustermass.calibration import (
     validate_conditioning,
 )
 from clustermass.diagnostics import NOMINAL_68, group_calibration
-from clustermass.posterior import JointKDEPosterior
+from clustermass.posterior import CalibrationError, JointKDEPosterior
 
 LO, HI = 13.7, 15.2
 
@@ -255,3 +255,20 @@ def test_mass_function_prior_on_mass_function_mocks():
     assert np.abs(bias["mf"][:2]).max() < 0.03, bias  # 13.7-14.1: three quarters of the clusters
     # above, part of the bias remains (docs/calibration.md "Priors": the calibration's low-mass tail)
     assert (np.abs(bias["mf"]) < 0.6 * bias["flat"]).all(), bias
+
+
+def test_with_prior_shares_the_fit_and_equals_a_fresh_calibration():
+    """Switching the prior does not refit (the prior multiplies the posterior density): the copy
+    shares the fitted pairs and gives the same posteriors as a calibration built with that prior."""
+    d, z, m = _z_dependent(600, 9)
+    cond = pd.DataFrame({"z": z})
+    opts = {"conditioning": ("d_pred", "z"), "prior_range": (LO, HI)}
+    flat = fit_calibration(d, m, cond, **opts)
+    mf = flat.with_prior("mass-function")
+    assert mf.posterior.x_ is flat.posterior.x_ and flat.prior == "flat"
+    q, dq = pd.DataFrame({"z": [0.03, 0.07, np.nan]}), [14.0, 14.6, 14.3]
+    fresh = fit_calibration(d, m, cond, prior="mass-function", **opts)
+    pd.testing.assert_frame_equal(mf.summarize(dq, q), fresh.summarize(dq, q))
+    pd.testing.assert_frame_equal(mf.with_prior("flat").summarize(dq, q), flat.summarize(dq, q))
+    with pytest.raises(CalibrationError, match="prior must be one of"):
+        flat.with_prior("schechter")

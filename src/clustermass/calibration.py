@@ -31,6 +31,7 @@ Artefact: ``calibration.parquet`` (pairs + conditioning columns) and ``calibrati
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from dataclasses import dataclass, field
@@ -206,8 +207,6 @@ class Calibration:
         if bad or not self.conditioning or self.conditioning[0] != "d_pred":
             raise CalibrationError(f"conditioning must start with d_pred and use {CONDITIONING_CHOICES}, "
                                    f"got {self.conditioning}")
-        if self.prior not in PRIORS:
-            raise CalibrationError(f"prior must be one of {PRIORS}, not {self.prior!r}")
         if self.prior_range is not None:
             self.prior_range = (float(self.prior_range[0]), float(self.prior_range[1]))
         pairs = self.pairs.reset_index(drop=True).copy()
@@ -219,12 +218,20 @@ class Calibration:
             raise CalibrationError(f"calibration pairs lack columns {sorted(missing)}")
         self.pairs = pairs[["d_pred", "z", "log_n_gal", "log_m_true"]].astype(float)
         self._marginal: JointKDEPosterior | None = None
-        if self.prior == "mass-function":  # fitted over the prior range (else the calibration masses')
-            z, m = self.pairs["z"].to_numpy(), self.pairs["log_m_true"].to_numpy()
-            span = self.prior_range or (float(np.nanmin(m)), float(np.nanmax(m)))
-            opts = {"z_ref": float(np.nanmedian(z)) if np.isfinite(z).any() else 0.1, **self.prior_options}
-            self.mass_prior = MassFunctionPrior(span, **opts)
+        self.mass_prior = self._make_mass_prior()
         self.posterior, self._used = self._fit(self.conditioning)
+
+    def _make_mass_prior(self) -> MassFunctionPrior | None:
+        """The prior density of ``self.prior`` (None for flat), fitted over the prior range (else
+        the calibration masses'); unknown redshifts get the calibration pairs' median."""
+        if self.prior not in PRIORS:
+            raise CalibrationError(f"prior must be one of {PRIORS}, not {self.prior!r}")
+        if self.prior == "flat":
+            return None
+        z, m = self.pairs["z"].to_numpy(), self.pairs["log_m_true"].to_numpy()
+        span = self.prior_range or (float(np.nanmin(m)), float(np.nanmax(m)))
+        opts = {"z_ref": float(np.nanmedian(z)) if np.isfinite(z).any() else 0.1, **self.prior_options}
+        return MassFunctionPrior(span, **opts)
 
     # ------------------------------------------------------------------ fitting
     def _fit(self, cols):
@@ -252,9 +259,16 @@ class Calibration:
         return self._marginal
 
     def with_prior(self, prior: str, **options) -> Calibration:
-        """The same calibration under another prior (``flat`` or ``mass-function``)."""
-        return Calibration(self.pairs, self.conditioning, self.bandwidth, self.min_neighbours, self.prior_range,
-                           prior, dict(options), dict(self.meta), self.mean_degree, self.heteroscedastic)
+        """The same calibration under another prior (``flat`` or ``mass-function``).
+
+        Not refitted: the prior multiplies the posterior density, so the copy shares the fitted
+        posteriors (:meth:`JointKDEPosterior.with_log_prior`)."""
+        out = copy.copy(self)
+        out.prior, out.prior_options, out.meta = prior, dict(options), dict(self.meta)
+        out.mass_prior = out._make_mass_prior()
+        out.posterior = self.posterior.with_log_prior(out.mass_prior)
+        out._marginal = None if self._marginal is None else self._marginal.with_log_prior(out.mass_prior)
+        return out
 
     # ------------------------------------------------------------------ applying
     def features(self, d_pred, conditions: pd.DataFrame | None = None) -> np.ndarray:

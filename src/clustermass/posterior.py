@@ -96,6 +96,7 @@ rule; ``out_of_range(d_obs)`` returns the flags.
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any
 
@@ -281,6 +282,18 @@ class JointKDEPosterior:
         self.weight_cut = float(weight_cut)
 
     # ------------------------------------------------------------------ fitting
+    def with_log_prior(self, log_prior) -> JointKDEPosterior:
+        """The same fitted posterior under another mass prior (``log_prior``; None: flat).
+
+        The fit does not depend on the prior (it multiplies the posterior density), so the copy
+        shares the fitted arrays and, for k > 1, the low-rank factorisation (built here once)."""
+        self._check_fitted()
+        if self.n_cond_ > 1:
+            self._fast_setup()
+        out = copy.copy(self)
+        out.log_prior = log_prior
+        return out
+
     def get_params(self) -> dict[str, Any]:
         """Hyperparameters as a dict (scikit-learn style)."""
         keys = ("bandwidth", "min_neighbours", "window", "node_spacing", "interp_tol", "prior_range",
@@ -788,7 +801,7 @@ class JointKDEPosterior:
         out_t = torch.empty((n, 4 * ng + 1), dtype=torch.float64)
         torch.mm(coefn, torch.from_numpy(fs["basis"]), out=out_t[:, : 4 * ng])  # rows padded by one
         out = out_t.numpy()
-        F, f, f1 = out[:, :ng], out[:, ng : 2 * ng], out[:, 2 * ng : 3 * ng]
+        f, f1 = out[:, ng : 2 * ng], out[:, 2 * ng : 3 * ng]
         u0 = fs["u0"]
         mean_c = coef[:, r + 2] / norm0  # mean of u - u0 (untruncated, exact)
         out[:, -1] = u0 + mean_c
@@ -796,9 +809,7 @@ class JointKDEPosterior:
         bounds = self._bounds_u(x)
         if bounds is not None:  # untruncated CDF and partial mean at the edges, then truncate
             rows, cn, ugc = np.arange(n), coefn.numpy(), self.ug_ - u0
-
-            def cdf_nodes(j):  # F, f, f' at column j of each row
-                return F[rows, j], f[rows, j], f1[rows, j]
+            cdf_nodes = _table_nodes(out, ng)  # F, f, f' at column j of each row
 
             def mean_nodes(j):  # int (t - u0) f(t) dt below the node, (u - u0) f, f + (u - u0) f'
                 return (np.einsum("ik,ik->i", cn, fs["basis_mean_t"][j]), ugc[j] * f[rows, j],
