@@ -337,8 +337,9 @@ def galaxy_store(path: str | Path) -> pd.DataFrame | None:
     The store (``.galaxy-store/`` next to ``path``: one ``.npy`` file per column and
     ``store.json``) is written by streaming the parquet file 65 536 rows at a time (with
     ``pre_buffer=False``, so Arrow keeps no read-ahead), each file moved into place atomically
-    and ``store.json`` last; it is reused while ``store.json`` records the SHA-256 of the
-    current parquet file. Only galaxies sorted by ``diagram_id`` with numeric or boolean columns
+    and ``store.json`` last; it is reused while ``store.json`` records the current parquet
+    file's size and modification time, or, when those changed, its SHA-256 (the file is then
+    only hashed, not decoded). Only galaxies sorted by ``diagram_id`` with numeric or boolean columns
     free of nulls are stored (the dtypes pandas gives the whole table); for any other table the
     result is None and the caller reads it whole.
     """
@@ -346,20 +347,26 @@ def galaxy_store(path: str | Path) -> pd.DataFrame | None:
 
     path = Path(path)
     store = path.parent / GALAXY_STORE
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(1 << 24):
-            h.update(block)
-    digest = h.hexdigest()
+    st = path.stat()
+    stamp = [st.st_size, st.st_mtime_ns]  # unchanged file: no need to read it again
     manifest = store / "store.json"
     try:
         info = json.loads(manifest.read_text())
     except (OSError, ValueError):
         info = {}
-    if info.get("sha256") != digest:
-        info = _write_galaxy_store(path, store, digest)
-        if info is None:
-            return None
+    if info.get("stamp") != stamp:
+        h = hashlib.sha256()
+        with path.open("rb") as f:
+            while block := f.read(1 << 24):
+                h.update(block)
+        digest = h.hexdigest()
+        if info.get("sha256") != digest:
+            info = _write_galaxy_store(path, store, {"sha256": digest, "stamp": stamp})
+            if info is None:
+                return None
+        else:  # touched, same content
+            info["stamp"] = stamp
+            write_json_atomic(manifest, info)
     # plain ndarray views of the mapped files (not np.memmap: pandas then sees ordinary arrays)
     cols = {c: np.asarray(np.load(store / f"{c}.npy", mmap_mode="r")) for c in info["columns"]}
     return pd.DataFrame(cols, copy=False)
@@ -369,8 +376,9 @@ class _NotStorable(Exception):
     """The galaxies table cannot be memory-mapped column by column (read it whole)."""
 
 
-def _write_galaxy_store(path: Path, store: Path, digest: str) -> dict | None:
-    """Stream ``path`` into ``store`` (see :func:`galaxy_store`); its manifest, or None."""
+def _write_galaxy_store(path: Path, store: Path, key: dict) -> dict | None:
+    """Stream ``path`` into ``store`` (see :func:`galaxy_store`); its manifest (``key`` plus the
+    columns), or None."""
     from contextlib import ExitStack
 
     pf = pq.ParquetFile(path, pre_buffer=False)
@@ -406,7 +414,7 @@ def _write_galaxy_store(path: Path, store: Path, digest: str) -> dict | None:
                 raise _NotStorable
     except _NotStorable:
         return None
-    info = {"sha256": digest, "columns": list(dtypes), "n_rows": n}
+    info = {**key, "columns": list(dtypes), "n_rows": n}
     write_json_atomic(store / "store.json", info)
     return info
 
