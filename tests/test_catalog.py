@@ -123,6 +123,13 @@ def test_memory_mapped_galaxies_equal_the_in_memory_table(tmp_path, gaussian_cat
     before = _store_files(tmp_path / "cat")
     read_catalogue(tmp_path / "cat", galaxies_max_gb=0.0)
     assert _store_files(tmp_path / "cat") == before  # reused
+    import os
+
+    os.utime(tmp_path / "cat" / "galaxies.parquet")  # touched, same content: hashed, not rebuilt
+    read_catalogue(tmp_path / "cat", galaxies_max_gb=0.0)
+    after = _store_files(tmp_path / "cat")
+    assert {k: v for k, v in after.items() if k.endswith(".npy")} == {
+        k: v for k, v in before.items() if k.endswith(".npy")}
     assert not _mapped(read_catalogue(tmp_path / "cat", galaxies_max_gb=1.0).galaxies["x_proj"].to_numpy())
     write_catalogue(gaussian_catalogue(30, 2), tmp_path / "cat")  # new content: rebuilt
     again = read_catalogue(tmp_path / "cat", galaxies_max_gb=0.0)
